@@ -1,0 +1,14 @@
+"""One module per algorithm; ``make_strategy`` picks the job's."""
+
+from hpcfed.algorithms.base import Strategy, Update
+
+
+def make_strategy(job, flat, data, device, comm) -> Strategy:
+    if job.algorithm == "fedavg":
+        from hpcfed.algorithms.fedavg import FedAvg
+
+        return FedAvg(job, flat, data, device, comm)
+    raise ValueError(f"unknown algorithm {job.algorithm!r}")  # config validation catches this first
+
+
+__all__ = ["Strategy", "Update", "make_strategy"]

@@ -1,0 +1,1 @@
+"""HDF5 files: checkpoints, the metrics log, plots."""

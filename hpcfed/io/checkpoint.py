@@ -1,0 +1,138 @@
+"""Checkpoints: one HDF5 file per checkpoint, atomic, checksummed, never unpickled.
+
+Layout (interface.md): root attributes ``round`` (rounds completed), ``algorithm``, ``config``;
+group ``model/`` with one dataset per ``state_dict`` entry; further groups hold everything else
+needed to continue bit for bit (``server/`` optimiser state, ``clients/`` per-client state,
+``history/`` the log rows so far, from which ``log.h5`` can be rebuilt).
+
+Written to a temporary name, fsynced, renamed into place and the folder fsynced, so a crash never
+leaves a half-written newest checkpoint. Datasets carry HDF5's Fletcher-32 checksum, and the
+attribute ``complete`` is written last: a file without it, or whose checksums fail on read, is
+skipped in favour of the next newest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpcfed.config import UserError
+
+_NAME = re.compile(r"^round_(\d{6})\.h5$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    round: int
+    attrs: dict
+    model: dict[str, np.ndarray]
+    groups: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def checkpoint_path(run_dir: Path, round_done: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round_{round_done:06d}.h5"
+
+
+def _write_group(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
+    for name, value in arrays.items():
+        arr = np.asarray(value)
+        # Fletcher-32 needs a chunked, non-empty, non-scalar dataset
+        checksum = arr.ndim > 0 and arr.size > 0
+        group.create_dataset(name, data=arr, fletcher32=checksum, chunks=True if checksum else None)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    round_done: int,
+    attrs: dict,
+    model: dict[str, np.ndarray],
+    groups: dict[str, dict[str, np.ndarray]],
+    keep: int,
+) -> Path:
+    final = checkpoint_path(run_dir, round_done)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["round"] = round_done
+        _write_group(f.create_group("model"), model)
+        for gname, arrays in groups.items():
+            _write_group(f.create_group(gname), arrays)
+        f.attrs["complete"] = True  # last: a torn file lacks it
+        f.flush()
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    _prune(final.parent, keep)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run folder, newest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    for old in list_checkpoints(folder.parent)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
+    return {name: group[name][()] for name in group}
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read and verify one checkpoint; raises UserError if it is torn or corrupt."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                raise UserError(f"{path}: incomplete checkpoint (no completeness marker)")
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            model = _read_group(f["model"])
+            groups = {g: _read_group(f[g]) for g in f if g != "model"}
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:  # checksum mismatch, truncation, not HDF5
+        raise UserError(f"{path}: unreadable checkpoint ({exc})") from None
+    return Checkpoint(path=path, round=int(attrs["round"]), attrs=attrs, model=model, groups=groups)
+
+
+def load_latest(run_dir: Path) -> Checkpoint:
+    """The newest valid checkpoint of a run; torn or corrupt newer ones are skipped with a warning."""
+    candidates = list_checkpoints(run_dir)
+    for path in candidates:
+        try:
+            return load_checkpoint(path)
+        except UserError as exc:
+            warnings.warn(f"skipping {exc}", stacklevel=2)
+    raise UserError(f"{Path(run_dir) / 'checkpoints'}: no valid checkpoint to resume from")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """The ``model/`` group of a checkpoint as a ``dict[str, torch.Tensor]`` (``strict=True`` loadable)."""
+    import torch
+
+    ckpt = load_checkpoint(Path(path))
+    return {k: torch.from_numpy(np.array(v)) for k, v in ckpt.model.items()}

@@ -1,0 +1,207 @@
+"""The round loop: SPMD with a replicated server (architecture.md, principle 1).
+
+Every rank runs this same loop. Each round: the cohort comes from (seed, round); each rank trains
+its share of the cohort and sums the clients' additive updates; ONE Allreduce of one flat buffer
+(updates, metric sums and the stop flag) gives every rank the same total; every rank applies the
+same server step. Rank 0 alone prints and writes files.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpcfed import __version__
+from hpcfed.algorithms import Update, make_strategy
+from hpcfed.comm import PackedAllreduce, allreduce_sum, choose_device
+from hpcfed.config import JobConfig, UserError, to_toml
+from hpcfed.data import load_federated
+from hpcfed.flat import FlatModel
+from hpcfed.io.checkpoint import Checkpoint, save_checkpoint
+from hpcfed.io.metrics import MetricsLog
+from hpcfed.models import build_model
+from hpcfed.placement import assign
+from hpcfed.rng import cohort
+from hpcfed.signals import StopFlag
+from hpcfed.train import evaluate_sums
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rounds_done: int
+    stopped_by: str | None
+    test_accuracy: float
+
+
+class Run:
+    """One job on one communicator: set-up, then :meth:`loop`."""
+
+    def __init__(self, job: JobConfig, comm, run_dir: Path, progress: bool = True):
+        self.job, self.comm, self.run_dir = job, comm, Path(run_dir)
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.progress = progress and self.rank == 0
+        self.device = choose_device(job.device)
+        self.data = load_federated(job.data, job.seed)
+        torch.manual_seed(job.seed)  # the initial model is the same on every rank
+        module = build_model(job.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        self.flat = FlatModel(module)
+        self.strategy = make_strategy(job, self.flat, self.data, self.device, comm)
+        self.state = self.strategy.init_state()
+        self.packed = PackedAllreduce(comm, {**self.strategy.layout(), "stop": 1})
+        # this rank's contiguous shard of the test set: evaluation is split over ranks too
+        x, y = self.data.test
+        shard = np.array_split(np.arange(x.shape[0]), self.size)[self.rank]
+        self.test_x, self.test_y = x[shard], y[shard]
+        self.start_round, self.wall_offset = 0, 0.0
+        self.log = MetricsLog(self.run_dir / "log.h5") if self.rank == 0 else None
+        self.stop = StopFlag().install()
+
+    # -- files (rank 0) ---------------------------------------------------------------------------
+    def attrs(self) -> dict:
+        return {
+            "algorithm": self.job.algorithm,
+            "config": to_toml(self.job),
+            "hpcfed_version": __version__,
+            "world_size": self.size,
+            "seed": self.job.seed,
+        }
+
+    def create_files(self) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(self.job))
+            self.log.create(self.attrs())
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint: server state, per-client state, the log cut back to it."""
+        self.flat.module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ckpt.model.items()})
+        self.state = {"model": self.flat.get(), **ckpt.groups.get("server", {})}
+        self.strategy.load_extra_state(ckpt.groups.get("clients", {}))
+        self.start_round = ckpt.round
+        self.wall_offset = float(ckpt.attrs.get("wall_time", 0.0))
+        if self.rank == 0:
+            try:
+                self.log.truncate(ckpt.round)
+            except (OSError, KeyError):  # unreadable log: rebuild it from the checkpoint's history
+                self.log.rebuild(self.attrs(), ckpt.groups.get("history", {}))
+
+    def checkpoint(self, rounds_done: int, wall: float) -> None:
+        if self.rank != 0:
+            return
+        self.log.flush()
+        self.flat.set(self.state["model"])
+        model = {k: v.numpy() for k, v in self.flat.state_dict().items()}
+        groups = {
+            "server": {k: v for k, v in self.state.items() if k != "model"},
+            "clients": self.strategy.extra_state(),
+            "history": self.log.history(),
+        }
+        attrs = {**self.attrs(), "wall_time": wall}
+        save_checkpoint(self.run_dir, rounds_done, attrs, model, groups, self.job.checkpoint_keep)
+
+    # -- evaluation (all ranks) -----------------------------------------------------------------
+    def evaluate(self) -> tuple[float, float]:
+        self.flat.set(self.strategy.eval_vector(self.state))
+        correct, loss_sum, count = evaluate_sums(self.flat.module, self.test_x, self.test_y)
+        correct, loss_sum, count = allreduce_sum(self.comm, np.array([correct, loss_sum, count]))
+        return correct / count, loss_sum / count
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def loop(self) -> RunResult:
+        job, strategy, packed = self.job, self.strategy, self.packed
+        t0 = time.perf_counter() - self.wall_offset
+        bar = self._progress_bar()
+        accuracy = float("nan")
+        rnd = self.start_round
+        for rnd in range(self.start_round, job.rounds):
+            # 1. the cohort, from (seed, round): the same on every rank, no communication
+            clients = cohort(job.seed, rnd, self.data.num_clients, job.clients_per_round)
+            # 2. this rank's share: greedy by sample count, or each client's fixed home rank
+            mine = assign(clients, self.data.client_sizes[clients], self.size, job.placement)[self.rank]
+            # 3. train them and sum their additive updates into the round's buffer
+            packed.zero()
+            strategy.begin_round(self.state, rnd)
+            for cid in mine:
+                self._accumulate(strategy.client_update(self.state, cid, rnd))
+            packed.view("stop")[0] = 1.0 if self.stop else 0.0
+            # 4. one Allreduce: updates, metric sums and the stop flag together
+            total = packed.allreduce()
+            # 5. the same server step on every rank
+            update = Update(total["value"], total["weight"])
+            self.state = strategy.server_update(self.state, update, rnd)
+            # 6. evaluate, log, checkpoint
+            done = rnd + 1
+            stopping = total["stop"][0] > 0
+            evaluate = done % job.eval_every == 0 or done == job.rounds
+            test_acc, test_loss = self.evaluate() if evaluate else (float("nan"), float("nan"))
+            accuracy = test_acc if evaluate else accuracy
+            wall = time.perf_counter() - t0
+            if self.rank == 0:
+                row = {
+                    "round": rnd,
+                    "test_accuracy": test_acc,
+                    "test_loss": test_loss,
+                    "train_loss": total["loss_sum"][0] / max(total["samples"][0], 1.0),
+                    "bytes_up": int(total["bytes_up"][0]),
+                    "bytes_down": int(total["bytes_down"][0]),
+                    "wall_time": wall,
+                    "sim_time": wall,
+                }
+                row.update({m: total[m][0] for m in strategy.extra_metrics})
+                self.log.append(row, force=evaluate)
+                self._report(bar, row, evaluate)
+            # 7. a stop request on any rank stops every rank at this boundary, checkpointed
+            if done % job.checkpoint_every == 0 or done == job.rounds or stopping:
+                self.checkpoint(done, wall)
+            if stopping:
+                break
+        if self.rank == 0:
+            self.log.flush()
+            if bar is not None:
+                bar.close()
+        stopped = self.stop.received or ("signal on another rank" if rnd + 1 < job.rounds else None)
+        return RunResult(self.run_dir, rnd + 1, stopped, accuracy)
+
+    def _accumulate(self, update: Update) -> None:
+        packed = self.packed
+        np.add(packed.view("value"), update.value, out=packed.view("value"))
+        weight = packed.view("weight")
+        np.add(weight, update.weight, out=weight)
+        for name, value in update.metrics.items():
+            packed.view(name)[0] += value
+
+    def _progress_bar(self):
+        if not (self.progress and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.job.rounds, initial=self.start_round, unit="round", leave=False)
+
+    def _report(self, bar, row: dict, evaluated: bool) -> None:
+        if bar is not None:
+            bar.update(1)
+        if evaluated and self.progress:
+            line = (
+                f"round {row['round'] + 1:>5}/{self.job.rounds}  acc {row['test_accuracy']:.4f}  "
+                f"loss {row['test_loss']:.4f}  train {row['train_loss']:.4f}  "
+                f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  {row['wall_time']:.1f} s"
+            )
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
+
+
+def check_new_run_dir(run_dir: Path, comm) -> None:
+    """Refuse to overwrite a run: rank 0 looks, every rank learns the answer (one bcast)."""
+    exists = (run_dir / "log.h5").exists() if comm.Get_rank() == 0 else None
+    if comm.Get_size() > 1:
+        exists = comm.bcast(exists, root=0)
+    if exists:
+        raise UserError(f"{run_dir}: already holds a run; use 'hpcfed resume {run_dir}' or another name/out")
