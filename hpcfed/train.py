@@ -13,39 +13,40 @@ import torch.nn.functional as F
 from hpcfed.config import TrainConfig
 
 
-def local_sgd(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: TrainConfig,
-    generator: torch.Generator,
-    params: list[torch.nn.Parameter] | None = None,
-) -> tuple[float, int]:
-    """Train in place for ``cfg.epochs`` epochs; return (mean training loss, number of steps).
+class LocalSGD:
+    """Minibatch SGD on one client's tensors, reusing one optimiser for every client.
 
-    ``params`` restricts the optimiser to a subset (frozen weights stay out of it and need no
-    gradient state).
+    Building a ``torch.optim.SGD`` costs about as much as a few training steps of a small model,
+    so the optimiser is made once per rank and its state (momentum buffers) cleared per client:
+    every client still starts from a fresh optimiser state. ``params`` restricts training to a
+    subset (frozen weights stay out of the optimiser and need no gradient state).
     """
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    model.train()
-    n = x.shape[0]
-    device = next(model.parameters()).device
-    total = torch.zeros((), device=device)
-    steps = 0
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            xb, yb = x[idx], y[idx]
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            opt.step()
-            # accumulate on the device: one host sync per client, not one per step
-            total += loss.detach() * idx.numel()
-            steps += 1
-    return float(total) / max(n * cfg.epochs, 1), steps
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, params: list[torch.nn.Parameter] | None = None):
+        self.model, self.cfg = model, cfg
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def train(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[float, int]:
+        """Train in place for ``cfg.epochs`` epochs; return (mean training loss, number of steps)."""
+        model, opt, cfg = self.model, self.opt, self.cfg
+        opt.state.clear()
+        model.train()
+        n = x.shape[0]
+        total = torch.zeros((), device=x.device)
+        steps = 0
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator).to(x.device)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                # accumulate on the device: one host sync per client, not one per step
+                total += loss.detach() * idx.numel()
+                steps += 1
+        return float(total) / max(n * cfg.epochs, 1), steps
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ import numpy as np
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.codecs import IdentityCodec
 from hpcfed.rng import torch_generator
-from hpcfed.train import local_sgd
+from hpcfed.train import LocalSGD
 
 
 class FedAvg(Strategy):
@@ -28,6 +28,7 @@ class FedAvg(Strategy):
         super().__init__(*args, **kwargs)
         self.codec = IdentityCodec()
         self._down: bytes = b""
+        self.trainer = LocalSGD(self.flat.module, self.job.train)
 
     def init_state(self) -> dict[str, np.ndarray]:
         state = super().init_state()
@@ -49,7 +50,7 @@ class FedAvg(Strategy):
         x, y = self.data.client(client_id)
         x, y = x.to(self.device), y.to(self.device)
         gen = torch_generator(self.job.seed, "train", round_index, client_id)
-        loss, _ = local_sgd(self.flat.module, x, y, self.job.train, gen)
+        loss, _ = self.trainer.train(x, y, gen)
         delta = self.flat.get() - received
         up, _ = self.codec.encode(delta, {})
         decoded, _ = self.codec.decode(up, {})  # what the server really has: the decoded bytes

@@ -20,13 +20,14 @@ Two kinds of datasets come out:
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from hpcfed.config import DataConfig, UserError
+from hpcfed.config import DataConfig
 from hpcfed.data import digits, partition, synthetic, torchvision_local
 from hpcfed.rng import numpy_generator
 
@@ -116,16 +117,22 @@ def in_memory(
     test: tuple[np.ndarray, np.ndarray],
     parts: list[np.ndarray],
     num_classes: int,
+    to_input: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> FederatedDataset:
-    """A dataset whose clients are the index lists ``parts`` into the training arrays."""
+    """A dataset whose clients are the index lists ``parts`` into the training arrays.
+
+    ``to_input`` (e.g. uint8 images -> normalised float32) is applied after the gather, so the
+    large float copy is made once, already in client order.
+    """
     X, y = train
+    convert = to_input or (lambda a: a)
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
     # One gather into client order (one copy), then zero-copy contiguous slices per client.
     order = np.concatenate(parts) if parts else np.empty(0, np.int64)
-    Xt, yt = _tensors(X[order], y[order])
+    Xt, yt = _tensors(convert(X[order]), y[order])
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    clients = [(Xt[a:b], yt[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    test_pair = _tensors(*test)
+    clients = [(Xt[a:b], yt[a:b]) for a, b in itertools.pairwise(bounds)]
+    test_pair = _tensors(convert(test[0]), test[1])
     return FederatedDataset(
         name=name,
         num_classes=num_classes,
@@ -147,9 +154,12 @@ def _partition(cfg: DataConfig, labels: np.ndarray, seed: int) -> list[np.ndarra
     )
 
 
-def _pooled(cfg: DataConfig, name: str, Xy: tuple, num_classes: int, seed: int) -> FederatedDataset:
+def _pooled(
+    cfg: DataConfig, name: str, Xy: tuple, num_classes: int, seed: int, to_input=None
+) -> FederatedDataset:
     X_tr, y_tr, X_te, y_te = Xy
-    return in_memory(name, (X_tr, y_tr), (X_te, y_te), _partition(cfg, y_tr, seed), num_classes)
+    parts = _partition(cfg, y_tr, seed)
+    return in_memory(name, (X_tr, y_tr), (X_te, y_te), parts, num_classes, to_input)
 
 
 def _synthetic(cfg: DataConfig, seed: int) -> FederatedDataset:
@@ -170,24 +180,20 @@ def _synthetic(cfg: DataConfig, seed: int) -> FederatedDataset:
 def _h5(cfg: DataConfig, seed: int) -> FederatedDataset:
     from hpcfed.data import h5  # h5py only when an HDF5 dataset is asked for
 
-    train = h5.H5Clients(cfg.path, "data.path")
+    natural = cfg.partition == "natural"
+    train = h5.H5Clients(cfg.path, "data.path", limit=cfg.num_clients if natural else None)
     test = h5.H5Clients(cfg.test_path, "data.test_path")
     h5.check_compatible(train, test)
     k = h5.num_classes(train, test)
-    if cfg.partition != "natural":
+    if not natural:  # pool every train client, then re-partition
         X, y = train.read_all()
         train.close()
         return in_memory("h5", (X, y), test.read_all(), _partition(cfg, y, seed), k)
-    if len(train.ids) < cfg.num_clients:
-        raise UserError(
-            f"data.num_clients: {cfg.num_clients} clients asked for but data.path = {cfg.path} "
-            f"holds {len(train.ids)}; expected at most {len(train.ids)}"
-        )
     return FederatedDataset(
         name="h5",
         num_classes=k,
         input_shape=train.input_shape,
-        client_sizes=train.sizes[: cfg.num_clients],
+        client_sizes=train.sizes,
         load_client=lambda cid: _tensors(*train.read(cid)),
         load_test=lambda: _tensors(*test.read_all()),
     )
@@ -201,10 +207,9 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedDataset:
         return _synthetic(cfg, seed)
     if cfg.dataset == "h5":
         return _h5(cfg, seed)
+    tv = torchvision_local
     if cfg.dataset == "mnist":
-        return _pooled(cfg, "mnist", torchvision_local.load_mnist(cfg.path), torchvision_local.NUM_CLASSES, seed)
+        return _pooled(cfg, "mnist", tv.load_mnist(cfg.path), tv.NUM_CLASSES, seed, tv.mnist_inputs)
     if cfg.dataset == "cifar10":
-        return _pooled(
-            cfg, "cifar10", torchvision_local.load_cifar10(cfg.path), torchvision_local.NUM_CLASSES, seed
-        )
+        return _pooled(cfg, "cifar10", tv.load_cifar10(cfg.path), tv.NUM_CLASSES, seed, tv.cifar10_inputs)
     raise ValueError(f"unknown dataset {cfg.dataset!r}")  # unreachable: config.py validates it

@@ -54,50 +54,66 @@ def model_input_shape(sample_shape: tuple[int, ...], key: str) -> tuple[int, ...
 
 
 class H5Clients:
-    """One TFF-layout file: its client ids (sorted), their sizes, and per-client reads."""
+    """One TFF-layout file: its client ids (sorted), their sizes, and per-client reads.
 
-    def __init__(self, path: str, key_name: str):
+    ``limit`` keeps only the first ``limit`` clients in sorted id order (``partition = "natural"``);
+    only those are scanned, so a job on 100 of EMNIST's 3,400 writers opens 100 groups, not 3,400.
+    Unless the file has a ``num_classes`` root attribute, the scan also reads the (small) label
+    datasets of those clients, in the same pass, for ``max_label``.
+    """
+
+    def __init__(self, path: str, key_name: str, limit: int | None = None):
         self.path = str(path)
         self.key_name = key_name  # "data.path" or "data.test_path", named in every error
         self._handle = None
         self._pid = -1
         h5py = _h5py()
-        p = Path(self.path)
-        if not p.is_file():
-            raise UserError(f"{key_name} = {self.path}: no such file; expected an HDF5 file in the TFF layout")
+        if not Path(self.path).is_file():
+            raise self._fail("no such file; expected an HDF5 file in the TFF layout")
         if not h5py.is_hdf5(self.path):
-            raise UserError(f"{key_name} = {self.path}: not an HDF5 file; expected the TFF layout examples/<client>/")
+            raise self._fail("not an HDF5 file; expected the TFF layout examples/<client_id>/")
         try:
             with h5py.File(self.path, "r") as f:
-                self._scan(f)
+                self._scan(f, limit)
         except OSError as exc:  # truncated or otherwise unreadable HDF5
-            raise UserError(f"{key_name} = {self.path}: cannot read HDF5 ({exc})") from None
+            raise self._fail(f"cannot read HDF5 ({exc})") from None
 
     def _fail(self, what: str) -> UserError:
         return UserError(f"{self.key_name} = {self.path}: {what}")
 
-    def _scan(self, f) -> None:
+    def _scan(self, f, limit: int | None) -> None:
         h5py = _h5py()
         examples = f.get("examples")
         if not isinstance(examples, h5py.Group):
             raise self._fail("no group 'examples'; expected examples/<client_id>/{pixels|image, label}")
-        self.ids: list[str] = sorted(examples.keys())
-        if not self.ids:
+        ids = sorted(examples.keys())  # names only: cheap even for thousands of clients
+        if not ids:
             raise self._fail("group 'examples' has no clients")
+        if limit is not None and limit > len(ids):
+            raise UserError(
+                f"data.num_clients: {limit} clients asked for but {self.key_name} = {self.path} "
+                f"holds {len(ids)}; expected at most {len(ids)}"
+            )
+        self.ids: list[str] = ids[:limit]
+        attr = f.attrs.get("num_classes")
+        self.num_classes_attr = int(attr) if attr is not None else None
         sizes = np.empty(len(self.ids), np.int64)
+        max_label = -1
         self.input_key: str | None = None
         self.sample_shape: tuple[int, ...] = ()
         for i, cid in enumerate(self.ids):
             grp = examples[cid]
             if not isinstance(grp, h5py.Group):
-                raise self._fail(f"examples/{cid} is not a group; expected examples/{cid}/{{pixels|image, label}}")
-            label = grp.get("label")
-            if not isinstance(label, h5py.Dataset):
+                raise self._fail(f"examples/{cid} is not a group; expected {{pixels|image, label}} in it")
+            names = set(grp.keys())
+            if "label" not in names:
                 raise self._fail(f"examples/{cid} has no dataset 'label'")
-            key = next((k for k in INPUT_KEYS if isinstance(grp.get(k), h5py.Dataset)), None)
+            key = next((k for k in INPUT_KEYS if k in names), None)
             if key is None:
                 raise self._fail(f"examples/{cid} has neither 'pixels' nor 'image'")
-            x = grp[key]
+            label, x = grp["label"], grp[key]
+            if not (isinstance(label, h5py.Dataset) and isinstance(x, h5py.Dataset)):
+                raise self._fail(f"examples/{cid}/label and examples/{cid}/{key} must be datasets")
             if self.input_key is None:
                 self.input_key, self.sample_shape = key, tuple(x.shape[1:])
             elif (key, tuple(x.shape[1:])) != (self.input_key, self.sample_shape):
@@ -105,16 +121,17 @@ class H5Clients:
                     f"examples/{cid}/{key} has samples of shape {tuple(x.shape[1:])}; expected "
                     f"'{self.input_key}' of shape {self.sample_shape} like the first client"
                 )
-            n = label.shape[0] if label.ndim else 0
+            n = label.shape[0] if label.ndim else -1
             if x.shape[0] != n or label.ndim > 2 or (label.ndim == 2 and label.shape[1] != 1):
                 raise self._fail(
                     f"examples/{cid}: {key} has {x.shape[0]} samples and label has shape {label.shape}; "
                     "expected one label per sample"
                 )
             sizes[i] = n
+            if self.num_classes_attr is None and n > 0:
+                max_label = max(max_label, int(np.max(label[()])))
         self.sizes = sizes
-        attr = f.attrs.get("num_classes")
-        self.num_classes_attr = int(attr) if attr is not None else None
+        self.max_label = max_label
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -138,9 +155,6 @@ class H5Clients:
         parts = [self.read(i) for i in range(len(self.ids))]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def max_label(self) -> int:
-        return max(int(self.labels(i).max(initial=-1)) for i in range(len(self.ids)))
-
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
@@ -148,11 +162,15 @@ class H5Clients:
 
 
 def num_classes(train: H5Clients, test: H5Clients) -> int:
-    """A ``num_classes`` root attribute if either file has one, else max label + 1 over both files."""
+    """A ``num_classes`` root attribute if either file has one, else max label + 1 over both.
+
+    Without the attribute, "both" means the test file and the train clients in use (all of them,
+    or the first ``num_clients`` for ``natural``): the test set of a TFF split covers every class.
+    """
     for f in (train, test):
         if f.num_classes_attr is not None:
             return f.num_classes_attr
-    return max(train.max_label(), test.max_label()) + 1
+    return max(train.max_label, test.max_label) + 1
 
 
 def check_compatible(train: H5Clients, test: H5Clients) -> None:

@@ -84,9 +84,7 @@ def classes(
     k_classes = len(present)
     c = classes_per_client
     if c > k_classes:
-        raise UserError(
-            f"data.classes_per_client: {c} exceeds the {k_classes} classes of the training data"
-        )
+        raise UserError(f"data.classes_per_client: {c} exceeds the {k_classes} classes of the training data")
     if num_clients * c < k_classes:
         raise UserError(
             f"data.classes_per_client: {num_clients} clients x {c} classes cannot cover all "
@@ -129,4 +127,6 @@ def by_name(
         return dirichlet(labels, num_clients, alpha, rng)
     if name == "classes":
         return classes(labels, num_clients, classes_per_client, rng)
-    raise UserError(f"data.partition: {name!r} is not available for this dataset; expected iid, dirichlet or classes")
+    raise UserError(
+        f"data.partition: {name!r} is not available for this dataset; expected iid, dirichlet or classes"
+    )

@@ -1,0 +1,41 @@
+"""Shared test helpers: small jobs, the CLI in a subprocess, mpirun command lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "jobs" / "quickstart.toml"
+VENV_BIN = Path(sys.executable).parent
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if os.geteuid() == 0:  # Open MPI refuses root without these
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env["PRTE_MCA_rmaps_default_mapping_policy"] = ":oversubscribe"
+    return env
+
+
+def hpcfed(*args: str, ranks: int = 0, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m hpcfed ARGS`` (under ``mpirun -n ranks`` when ranks > 0)."""
+    cmd = [sys.executable, "-m", "hpcfed", *map(str, args)]
+    if ranks:
+        mpirun = VENV_BIN / "mpirun"
+        cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), *cmd]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT, **kwargs
+    )
+
+
+@pytest.fixture
+def small_overrides(tmp_path):
+    """Overrides that shrink the quickstart job to a few seconds."""
+    return [f"out={tmp_path}", "rounds=4", "eval_every=2", "checkpoint_every=2", "data.num_clients=20",
+            "clients_per_round=5"]
