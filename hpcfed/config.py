@@ -100,7 +100,8 @@ class JobConfig(_Strict):
             raise ValueError(f"unknown algorithm {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
         if self.clients_per_round > self.data.num_clients:
             raise ValueError(
-                f"clients_per_round ({self.clients_per_round}) exceeds data.num_clients ({self.data.num_clients})"
+                f"clients_per_round ({self.clients_per_round}) exceeds "
+                f"data.num_clients ({self.data.num_clients})"
             )
         if "/" in self.name or self.name in ("", ".", ".."):
             raise ValueError("name must be a plain folder name")
@@ -196,7 +197,11 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, float):
-        return repr(v) if v == v and abs(v) != float("inf") else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        return (
+            repr(v)
+            if v == v and abs(v) != float("inf")
+            else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        )
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

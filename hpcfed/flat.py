@@ -34,9 +34,7 @@ class FlatModel:
         self.size = int(self.offsets[-1])
         first = next(iter(module.parameters()))
         self.vector = torch.empty(self.size, dtype=torch.float32, device=first.device)
-        for (mod, attr, is_param), name, shape, start, size in zip(
-            owners, self.names, self.shapes, self.offsets, sizes
-        ):
+        for (mod, attr, is_param), shape, start, size in zip(owners, self.shapes, self.offsets, sizes):
             old = getattr(mod, attr)
             view = self.vector[start : start + size].view(shape)
             view.copy_(old.detach())

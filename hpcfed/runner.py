@@ -190,7 +190,8 @@ class Run:
             line = (
                 f"round {row['round'] + 1:>5}/{self.job.rounds}  acc {row['test_accuracy']:.4f}  "
                 f"loss {row['test_loss']:.4f}  train {row['train_loss']:.4f}  "
-                f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  {row['wall_time']:.1f} s"
+                f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB  "
+                f"{row['wall_time']:.1f} s"
             )
             if bar is not None:
                 bar.write(line)

@@ -22,7 +22,9 @@ class LocalSGD:
     subset (frozen weights stay out of the optimiser and need no gradient state).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, params: list[torch.nn.Parameter] | None = None):
+    def __init__(
+        self, model: torch.nn.Module, cfg: TrainConfig, params: list[torch.nn.Parameter] | None = None
+    ):
         self.model, self.cfg = model, cfg
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -31,6 +33,9 @@ class LocalSGD:
         """Train in place for ``cfg.epochs`` epochs; return (mean training loss, number of steps)."""
         model, opt, cfg = self.model, self.opt, self.cfg
         opt.state.clear()
+        # Dropout draws from torch's global generator: key it to this client too, so a client's
+        # training never depends on which rank ran it or what ran before.
+        torch.manual_seed(generator.initial_seed() ^ 0x5DEECE66D)
         model.train()
         n = x.shape[0]
         total = torch.zeros((), device=x.device)

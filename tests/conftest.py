@@ -37,5 +37,11 @@ def hpcfed(*args: str, ranks: int = 0, timeout: float = 240, **kwargs) -> subpro
 @pytest.fixture
 def small_overrides(tmp_path):
     """Overrides that shrink the quickstart job to a few seconds."""
-    return [f"out={tmp_path}", "rounds=4", "eval_every=2", "checkpoint_every=2", "data.num_clients=20",
-            "clients_per_round=5"]
+    return [
+        f"out={tmp_path}",
+        "rounds=4",
+        "eval_every=2",
+        "checkpoint_every=2",
+        "data.num_clients=20",
+        "clients_per_round=5",
+    ]

@@ -41,7 +41,11 @@ def _one_error_line(proc, *needles):
         ('algorithm = "fedprox"\n', [], ["unknown algorithm 'fedprox'"]),
         ('algorithm = "fedavg"\n', ["train.lr=fast"], ["'train.lr'"]),
         ('algorithm = "fedavg"\n', ["rounds"], ["override 'rounds'", "dotted.key=value"]),
-        ('algorithm = "fedavg"\n[data]\ndataset = "mnist"\npath = "/nonexistent/root"\n', [], ["data.path", "/nonexistent/root"]),
+        (
+            'algorithm = "fedavg"\n[data]\ndataset = "mnist"\npath = "/nonexistent/root"\n',
+            [],
+            ["data.path", "/nonexistent/root"],
+        ),
         ("algorithm = fedavg\n", [], ["job.toml", "not valid TOML"]),
     ],
 )
@@ -99,8 +103,12 @@ def test_stop_signal_checkpoints_exits_0_and_resumes(tmp_path, small_overrides, 
     args = [*small_overrides, "rounds=400", "eval_every=1", "checkpoint_every=1000"]
     cmd = [sys.executable, "-m", "hpcfed", "run", str(QUICKSTART), *args]
     if ranks:
-        cmd = [str(ROOT / ".venv/bin/mpirun") if (ROOT / ".venv/bin/mpirun").exists() else "mpirun",
-               "-n", str(ranks), *cmd]
+        cmd = [
+            str(ROOT / ".venv/bin/mpirun") if (ROOT / ".venv/bin/mpirun").exists() else "mpirun",
+            "-n",
+            str(ranks),
+            *cmd,
+        ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     run_dir = tmp_path / "quickstart"
     _wait_for_rows(run_dir / "log.h5", 3, proc)

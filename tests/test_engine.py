@@ -70,8 +70,15 @@ def test_fedavg_server_momentum_hand_computed():
 
 
 def test_fedadam_hand_computed():
-    s = _fedavg(["fedavg.server_optimizer=adam", "fedavg.server_lr=0.1", "fedavg.beta1=0.5",
-                 "fedavg.beta2=0.5", "fedavg.tau=1e-9"])
+    s = _fedavg(
+        [
+            "fedavg.server_optimizer=adam",
+            "fedavg.server_lr=0.1",
+            "fedavg.beta1=0.5",
+            "fedavg.beta2=0.5",
+            "fedavg.tau=1e-9",
+        ]
+    )
     state = s.server_update(s.init_state(), Update(np.array([2.0, -2.0]), 1.0), 0)
     # m = 0.5*2 = 1, v = 0.5*4 = 2, step = 1/sqrt(2)
     np.testing.assert_allclose(state["model"], [1 + 0.1 / np.sqrt(2), 1 - 0.1 / np.sqrt(2)], rtol=1e-6)

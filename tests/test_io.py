@@ -28,7 +28,11 @@ def _save(tmp_path, rnd, keep=3, value=1.0):
 def test_checkpoint_roundtrip_and_prune(tmp_path):
     for r in (2, 4, 6, 8):
         _save(tmp_path, r, keep=3, value=r)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["round_000008.h5", "round_000006.h5", "round_000004.h5"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "round_000008.h5",
+        "round_000006.h5",
+        "round_000004.h5",
+    ]
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))  # no temporaries left behind
     ck = load_checkpoint(checkpoint_path(tmp_path, 8))
     assert ck.round == 8 and ck.attrs["algorithm"] == "fedavg"
@@ -79,8 +83,16 @@ def test_missing_marker_is_incomplete(tmp_path):
 
 
 def _row(r, acc=float("nan")):
-    return {"round": r, "test_accuracy": acc, "test_loss": acc, "train_loss": 1.0, "bytes_up": 10,
-            "bytes_down": 20, "wall_time": float(r), "sim_time": float(r)}
+    return {
+        "round": r,
+        "test_accuracy": acc,
+        "test_loss": acc,
+        "train_loss": 1.0,
+        "bytes_up": 10,
+        "bytes_down": 20,
+        "wall_time": float(r),
+        "sim_time": float(r),
+    }
 
 
 def test_metrics_log_append_flush_truncate(tmp_path):

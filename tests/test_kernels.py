@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tests import naive
 import numpy as np
 import pytest
 
 from hpcfed import kernels as K
+from tests import naive
 
 try:
     from hypothesis import given, settings
@@ -91,7 +91,9 @@ def test_uniform_hand_computed():
     x = np.array([-1.0, -0.5, -0.2, 0.0, 0.2, 0.9, 5.0], F32)
     q = K.quantize_uniform(x, 2, 1.0)
     assert q.tolist() == [0, 1, 1, 2, 2, 3, 3]
-    np.testing.assert_allclose(K.dequantize_uniform(q, 2, 1.0), [-1, -1 / 3, -1 / 3, 1 / 3, 1 / 3, 1, 1], rtol=1e-6)
+    np.testing.assert_allclose(
+        K.dequantize_uniform(q, 2, 1.0), [-1, -1 / 3, -1 / 3, 1 / 3, 1 / 3, 1, 1], rtol=1e-6
+    )
     assert K.quantize_uniform(x, 3, 0.0).tolist() == [0] * 7
     assert (K.dequantize_uniform(np.zeros(3, np.uint8), 3, 0.0) == 0).all()
 
@@ -119,7 +121,10 @@ def test_stochastic_rounding_unbiased_and_reproducible():
     # a prefix gets the same draws as the whole: counter-based, not a stream
     np.testing.assert_array_equal(a[:40], K.quantize_uniform(x[:40].copy(), 2, 1.0, stochastic=True, seed=7))
     mean = np.mean(
-        [K.dequantize_uniform(K.quantize_uniform(x, 2, 1.0, stochastic=True, seed=s), 2, 1.0) for s in range(2000)],
+        [
+            K.dequantize_uniform(K.quantize_uniform(x, 2, 1.0, stochastic=True, seed=s), 2, 1.0)
+            for s in range(2000)
+        ],
         axis=0,
     )
     # per-element std of the mean <= (2/3)/2/sqrt(2000) ~ 0.0075
@@ -150,7 +155,7 @@ def test_median_hand_computed():
 @pytest.mark.parametrize("dist", ["normal", "int"])
 def test_median_matches_naive(q, dist):
     v = rand(999, seed=q, dist=dist)
-    for got, ref in zip(K.quantize_median(v, q), naive.quantize_median(v, q)):
+    for got, ref in zip(K.quantize_median(v, q), naive.quantize_median(v, q), strict=True):
         np.testing.assert_array_equal(got, ref)
     keep, sym, cb = K.quantize_median(np.zeros(5, F32), q)
     assert not keep.any() and (cb == 0).all()
@@ -159,7 +164,11 @@ def test_median_matches_naive(q, dist):
 def test_quantiser_errors():
     x = rand(10)
     x[0] = np.nan
-    for fn in (lambda: K.quantize_uniform(x, 4, 1.0), lambda: K.quantize_sign(x), lambda: K.quantize_median(x, 2)):
+    for fn in (
+        lambda: K.quantize_uniform(x, 4, 1.0),
+        lambda: K.quantize_sign(x),
+        lambda: K.quantize_median(x, 2),
+    ):
         with pytest.raises(ValueError, match="NaN or Inf"):
             fn()
     with pytest.raises(ValueError):
@@ -257,5 +266,5 @@ if given is not None:
     @settings(max_examples=40, deadline=None)
     @given(arrays(F32, st.integers(1, 200), elements=finite), st.integers(1, 4))
     def test_median_property(x, q):
-        for got, ref in zip(K.quantize_median(x, q), naive.quantize_median(x, q)):
+        for got, ref in zip(K.quantize_median(x, q), naive.quantize_median(x, q), strict=True):
             np.testing.assert_array_equal(got, ref)

@@ -71,7 +71,9 @@ def _read_run(run_dir: Path) -> _Run:
                     if n_subnets != len(macs):
                         raise UserError(f"{path}: family/ has {n_subnets} subnets but {len(macs)} MACs")
                 if accuracy.size and accuracy.shape[1] != macs.size:
-                    raise UserError(f"{path}: family/accuracy has {accuracy.shape[1]} columns but {macs.size} MACs")
+                    raise UserError(
+                        f"{path}: family/accuracy has {accuracy.shape[1]} columns but {macs.size} MACs"
+                    )
                 evaluated = [r for r in accuracy if np.isfinite(r).any()]
                 if evaluated:
                     run.family_macs, run.family_accuracy = macs, evaluated[-1]

@@ -1,0 +1,85 @@
+"""MPI suite: run under ``mpirun -n 2`` and ``-n 3`` with ``pytest --with-mpi -m mpi``.
+
+Each test runs the job on COMM_WORLD and, on rank 0, the same job on COMM_SELF: so every MPI
+session checks 1 rank against 2 (or 3) ranks in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcfed.config import load_job
+from hpcfed.runner import Run
+
+from .conftest import QUICKSTART
+
+pytestmark = pytest.mark.mpi
+
+
+def _shared_tmp(comm) -> Path:
+    path = tempfile.mkdtemp(prefix="hpcfed-mpi-") if comm.Get_rank() == 0 else None
+    return Path(comm.bcast(path, root=0))
+
+
+def _run(job, comm, run_dir, stop_on_rank=None):
+    run = Run(job, comm, run_dir, progress=False)
+    run.create_files()
+    if stop_on_rank == comm.Get_rank():
+        os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, reaching this rank only
+    result = run.loop()
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    return run, result
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["fedavg.server_optimizer=adam", "fedavg.server_lr=0.01", "train.momentum=0.5", "placement=fixed"],
+        ["data.dataset=synthetic", "data.partition=natural", "model.name=mlp"],
+        ["model.name=cnn", "data.partition=iid", "clients_per_round=3"],
+    ],
+)
+def test_one_two_three_ranks_same_model(overrides):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    tmp = _shared_tmp(comm)
+    job = load_job(
+        QUICKSTART,
+        [f"out={tmp}", "rounds=4", "eval_every=2", "data.num_clients=12", "clients_per_round=5", *overrides],
+    )
+    run, result = _run(job, comm, tmp / "world")
+    models = comm.allgather(run.state["model"])
+    replicated = all(np.array_equal(m, models[0]) for m in models)  # the replicated server is
+    diff, acc = None, None
+    if comm.Get_rank() == 0:
+        single, single_result = _run(job, MPI.COMM_SELF, tmp / "self")
+        diff = float(np.abs(single.state["model"] - run.state["model"]).max())
+        acc = abs(single_result.test_accuracy - result.test_accuracy)
+    # every rank asserts the same facts: one failing rank must not leave the others in a collective
+    diff, acc = comm.bcast((diff, acc), root=0)
+    assert replicated
+    assert diff <= 1e-4, diff
+    assert acc <= 1e-9, acc
+
+
+def test_signal_on_one_rank_stops_all_at_the_same_boundary():
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    tmp = _shared_tmp(comm)
+    job = load_job(QUICKSTART, [f"out={tmp}", "rounds=20", "data.num_clients=12", "clients_per_round=4"])
+    last = comm.Get_size() - 1
+    run, result = _run(job, comm, tmp / "stop", stop_on_rank=last)
+    rounds = comm.allgather(result.rounds_done)
+    written = comm.bcast((tmp / "stop" / "checkpoints" / "round_000001.h5").exists(), root=0)
+    assert rounds == [1] * comm.Get_size()  # everyone stopped after the first round
+    assert result.stopped_by is not None
+    assert written
