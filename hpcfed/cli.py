@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="accuracy against round, bytes and simulated time")
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("-o", "--output", default=None)
+    b = sub.add_parser("bench", help="benchmarks: hpcfed bench kernels [--json]")
+    b.add_argument("what", choices=["kernels"])
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    b.add_argument("--repeats", type=int, default=5)
     d = sub.add_parser("rundir", help="print the run folder a job would use ({out}/{name})")
     d.add_argument("job")
     d.add_argument("overrides", nargs="*", metavar="key=value")
@@ -60,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             dirs = [Path(d) for d in args.run_dirs]
             out = Path(args.output) if args.output else dirs[0] / "plots" / "accuracy.png"
             print(plot_runs(dirs, out))
+        elif args.command == "bench":
+            import json
+
+            from hpcfed.kernels.bench import format_table, run_kernel_benchmarks
+
+            os.environ.setdefault("OMP_NUM_THREADS", "1")  # one-thread baselines (benchmarks.md)
+            rows = run_kernel_benchmarks(sizes=args.sizes, repeats=args.repeats)
+            print(json.dumps(rows, indent=1) if args.json else format_table(rows))
         elif args.command == "rundir":
             from hpcfed.config import load_job
 

@@ -75,6 +75,21 @@ class FedAvgConfig(_Strict):
     tau: float = Field(1e-3, gt=0)  # FedAdam's adaptivity
 
 
+class CompressConfig(_Strict):
+    """Compression of any algorithm's messages through the codecs (top-k, then quantisation)."""
+
+    sparsity: float = Field(0.0, ge=0, lt=1)  # fraction of entries dropped by a global top-k
+    quantization: Literal["none", "uniform", "median", "sign"] = "none"
+    bits: int = Field(8, ge=1, le=8)  # uniform: bit width; median: q (2^(q-1) levels per sign)
+    rounding: Literal["nearest", "stochastic"] = "nearest"  # uniform quantisation
+    error_feedback: bool = False  # what the codec dropped is added to the sender's next message
+    direction: Literal["up", "down", "both"] = "up"
+
+    @property
+    def active(self) -> bool:
+        return self.sparsity > 0 or self.quantization != "none"
+
+
 class JobConfig(_Strict):
     name: str = "run"
     algorithm: str
@@ -93,6 +108,7 @@ class JobConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

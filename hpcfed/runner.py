@@ -92,6 +92,11 @@ class Run:
                 self.log.rebuild(self.attrs(), ckpt.groups.get("history", {}))
 
     def checkpoint(self, rounds_done: int, wall: float) -> None:
+        # per-client state lives on the clients' home ranks: gather it (every rank takes part)
+        clients = self.strategy.extra_state()
+        if self.size > 1:
+            parts = self.comm.gather(clients, root=0)
+            clients = {k: v for part in parts or [] for k, v in part.items()}
         if self.rank != 0:
             return
         self.log.flush()
@@ -99,7 +104,7 @@ class Run:
         model = {k: v.numpy() for k, v in self.flat.state_dict().items()}
         groups = {
             "server": {k: v for k, v in self.state.items() if k != "model"},
-            "clients": self.strategy.extra_state(),
+            "clients": clients,
             "history": self.log.history(),
         }
         attrs = {**self.attrs(), "wall_time": wall}
@@ -123,7 +128,7 @@ class Run:
             # 1. the cohort, from (seed, round): the same on every rank, no communication
             clients = cohort(job.seed, rnd, self.data.num_clients, job.clients_per_round)
             # 2. this rank's share: greedy by sample count, or each client's fixed home rank
-            mine = assign(clients, self.data.client_sizes[clients], self.size, job.placement)[self.rank]
+            mine = assign(clients, self.data.client_sizes[clients], self.size, strategy.placement)[self.rank]
             # 3. train them and sum their additive updates into the round's buffer
             packed.zero()
             strategy.begin_round(self.state, rnd)

@@ -137,3 +137,12 @@ def test_bad_input_under_mpirun_is_exit_2(tmp_path):
     proc = hpcfed("run", QUICKSTART, f"out={tmp_path}", "rounds=-1", ranks=2)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("hpcfed: error:") == 1 and "'rounds'" in proc.stderr
+
+
+def test_bench_kernels_json():
+    import json
+
+    proc = hpcfed("bench", "kernels", "--json", "--sizes", "20000", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert {r["kernel"] for r in rows} >= {"topk_abs", "quantize_uniform 4b"}

@@ -44,6 +44,14 @@ def _run(job, comm, run_dir, stop_on_rank=None):
         ["fedavg.server_optimizer=adam", "fedavg.server_lr=0.01", "train.momentum=0.5", "placement=fixed"],
         ["data.dataset=synthetic", "data.partition=natural", "model.name=mlp"],
         ["model.name=cnn", "data.partition=iid", "clients_per_round=3"],
+        [
+            "compress.sparsity=0.9",
+            "compress.quantization=uniform",
+            "compress.bits=4",
+            "compress.rounding=stochastic",
+            "compress.error_feedback=true",
+            "compress.direction=both",
+        ],
     ],
 )
 def test_one_two_three_ranks_same_model(overrides):

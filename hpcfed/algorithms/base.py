@@ -45,6 +45,11 @@ class Strategy:
         self.device = device
         self.comm = comm
 
+    @property
+    def placement(self) -> str:
+        """'balanced', or 'fixed' when clients keep state on a home rank."""
+        return self.job.placement
+
     # -- server side, replicated on every rank -------------------------------------------------
     def init_state(self) -> dict[str, np.ndarray]:
         return {"model": self.flat.get()}
@@ -64,6 +69,7 @@ class Strategy:
 
     # -- state beyond the server's (per-client state), for checkpoints ---------------------------
     def extra_state(self) -> dict[str, np.ndarray]:
+        """This rank's part of the per-client state (the engine gathers every rank's)."""
         return {}
 
     def load_extra_state(self, arrays: dict[str, np.ndarray]) -> None:

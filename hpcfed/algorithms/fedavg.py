@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
+from hpcfed.algorithms.compression import Compression
 from hpcfed.codecs import IdentityCodec
 from hpcfed.rng import torch_generator
 from hpcfed.train import LocalSGD
@@ -26,8 +27,10 @@ class FedAvg(Strategy):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.codec = IdentityCodec()
+        self.codec = IdentityCodec()  # the full model, downlink
+        self.compression = Compression(self.job.compress, self.job.seed, self.data_clients())
         self._down: bytes = b""
+        self._down_len = 0
         self.trainer = LocalSGD(self.flat.module, self.job.train)
 
     def init_state(self) -> dict[str, np.ndarray]:
@@ -40,9 +43,17 @@ class FedAvg(Strategy):
             state["momentum"] = np.zeros(self.flat.size)
         return state
 
+    def data_clients(self) -> int:
+        return self.data.num_clients if self.data is not None else self.job.data.num_clients
+
+    @property
+    def placement(self) -> str:
+        return "fixed" if self.compression.needs_home_rank else self.job.placement
+
     def begin_round(self, state, round_index):
         # every client receives the same model: encode it once per round and per rank
         self._down, _ = self.codec.encode(state["model"], {})
+        self._down_len = self.compression.down_bytes(state, len(self._down))
 
     def client_update(self, state, client_id, round_index) -> Update:
         received, _ = self.codec.decode(self._down, {})
@@ -52,13 +63,13 @@ class FedAvg(Strategy):
         gen = torch_generator(self.job.seed, "train", round_index, client_id)
         loss, _ = self.trainer.train(x, y, gen)
         delta = self.flat.get() - received
-        up, _ = self.codec.encode(delta, {})
-        decoded, _ = self.codec.decode(up, {})  # what the server really has: the decoded bytes
+        # what the server really has: the decoded bytes
+        up, decoded = self.compression.send_up(client_id, round_index, delta)
         n = float(y.shape[0])
         return Update(
             value=decoded.astype(np.float64) * n,
             weight=n,
-            metrics={"loss_sum": loss * n, "samples": n, "bytes_up": len(up), "bytes_down": len(self._down)},
+            metrics={"loss_sum": loss * n, "samples": n, "bytes_up": len(up), "bytes_down": self._down_len},
         )
 
     def server_update(self, state, total: Update, round_index):
@@ -71,5 +82,14 @@ class FedAvg(Strategy):
         elif "momentum" in state:
             state["momentum"] = cfg.server_momentum * state["momentum"] + step
             step = state["momentum"]
-        state["model"] = (state["model"] + cfg.server_lr * step).astype(np.float32)
+        step = self.compression.compress_step(state, cfg.server_lr * step, round_index)
+        state["model"] = (state["model"] + step).astype(np.float32)
         return state
+
+    def extra_state(self):
+        return self.compression.state_arrays()
+
+    def load_extra_state(self, arrays):
+        rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        mine = {k: v for k, v in arrays.items() if int(k.rsplit(".", 1)[1]) % size == rank}
+        self.compression.load_state_arrays(mine)
