@@ -159,6 +159,7 @@ class Run:
                     "sim_time": wall,
                 }
                 row.update({m: total[m][0] for m in strategy.extra_metrics})
+                row.update(strategy.server_metrics(self.state, rnd))
                 self.log.append(row, force=evaluate)
                 self._report(bar, row, evaluate)
             # 7. a stop request on any rank stops every rank at this boundary, checkpointed

@@ -63,6 +63,11 @@ class Strategy:
     def eval_vector(self, state: dict[str, np.ndarray]) -> np.ndarray:
         return state["model"]
 
+    def server_metrics(self, state: dict[str, np.ndarray], round_index: int) -> dict[str, float]:
+        """Per-round values computed by the (replicated) server, logged as ``metrics/<name>``
+        (e.g. ``epsilon``). Called on every rank after :meth:`server_update`."""
+        return {}
+
     # -- client side ---------------------------------------------------------------------------
     def client_update(self, state: dict[str, np.ndarray], client_id: int, round_index: int) -> Update:
         raise NotImplementedError
