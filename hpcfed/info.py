@@ -73,7 +73,7 @@ def describe(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"{path}: no such file or folder")
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             is_log = "metrics" in f
     except OSError:
         raise UserError(f"{path}: not an HDF5 file") from None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -127,3 +130,22 @@ def test_metrics_log_rebuild(tmp_path):
     log.rebuild({"algorithm": "fedavg"}, hist)
     _, cols = read_metrics(tmp_path / "log.h5")
     assert cols["round"].tolist() == [0, 1, 2]
+
+
+def test_a_reader_holding_the_log_never_crashes_the_writer(tmp_path):
+    log = MetricsLog(tmp_path / "log.h5", flush_seconds=0)
+    log.create({"algorithm": "fedavg"})
+    # a user's reader in another process, with HDF5's default file lock, holding the file open
+    code = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(30)"
+    reader = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "log.h5")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        log.append(_row(0))  # locked: the row stays pending, no exception
+        assert len(log.pending) == 1
+        with pytest.warns(UserWarning, match="locked"):
+            log.flush(wait=0.2)  # a final append writes anyway, after waiting
+    finally:
+        reader.kill()
+        reader.wait()
+    log.append(_row(1), force=True)
+    assert read_metrics(tmp_path / "log.h5")[1]["round"].tolist() == [0, 1]

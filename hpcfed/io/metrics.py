@@ -6,11 +6,17 @@ for the append and closed straight after, so between appends it is a plain close
 any reader can open while the run is alive, and a killed writer loses at most the unflushed rows
 (which the next checkpoint's ``history/`` also holds). Keeping HDF5 off every round keeps it off
 the round's critical path.
+
+A reader holding the file open (HDF5 file locking) must not crash the run: an append that finds
+the file locked keeps its rows pending for the next one, and a final append (checkpoint, end) waits
+a few seconds and then writes without the lock. hpcfed's own readers open without locking, so they
+never block the writer.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -55,14 +61,31 @@ class MetricsLog:
     def append(self, row: dict, force: bool = False) -> None:
         self.pending.append(row)
         if force or time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
+            self.flush(wait=0.0)
 
-    def flush(self) -> None:
+    def flush(self, wait: float = 10.0) -> None:
+        """Append the pending rows. If a reader holds the file locked, retry for ``wait`` seconds;
+        with ``wait = 0`` keep the rows for the next append instead."""
         self.last_flush = time.monotonic()
         if not self.pending:
             return
-        rows, self.pending = self.pending, []
-        with h5py.File(self.path, "a") as f:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._write(self.pending, locking=True)
+                break
+            except BlockingIOError:
+                if wait == 0.0:
+                    return  # rows stay pending
+                if time.monotonic() >= deadline:
+                    warnings.warn(f"{self.path} stayed locked by a reader; appending without the lock", stacklevel=2)
+                    self._write(self.pending, locking=False)
+                    break
+                time.sleep(0.05)
+        self.pending = []
+
+    def _write(self, rows: list[dict], locking: bool) -> None:
+        with h5py.File(self.path, "a", locking=locking) as f:
             g = f["metrics"]
             n_old = g["round"].shape[0]
             names = set(g) | {k for r in rows for k in r}
@@ -78,7 +101,7 @@ class MetricsLog:
 
     def truncate(self, rounds_done: int) -> None:
         """Cut every column back to the rows of rounds < rounds_done (resume: each round once)."""
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             g = f["metrics"]
             keep = int(np.searchsorted(g["round"][()], rounds_done))
             for name in g:
@@ -86,7 +109,7 @@ class MetricsLog:
 
     def history(self) -> dict[str, np.ndarray]:
         """All rows, written and pending, as columns (stored in checkpoints to rebuild the log)."""
-        with h5py.File(self.path, "r") as f:
+        with h5py.File(self.path, "r", locking=False) as f:
             cols = {name: f["metrics"][name][()] for name in f["metrics"]}
         for name in set(cols) | {k for r in self.pending for k in r}:
             base = cols.get(name, np.full(len(next(iter(cols.values()))), _fill(name), _dtype(name)))
@@ -103,7 +126,8 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    with h5py.File(path, "r") as f:
+    """Attributes and columns of a log; opened without locking, so a live run is never blocked."""
+    with h5py.File(path, "r", locking=False) as f:
         attrs = dict(f.attrs)
         cols = {name: f["metrics"][name][()] for name in f["metrics"]}
     return attrs, cols

@@ -50,7 +50,7 @@ def _read_run(run_dir: Path) -> _Run:
     if not path.is_file():
         raise UserError(f"{path}: no such log file (is {run_dir} a run folder?)")
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             if "metrics" not in f:
                 raise UserError(f"{path}: not an hpcfed log (no 'metrics' group)")
             group = f["metrics"]
@@ -102,22 +102,23 @@ def plot_runs(run_dirs: list[Path], out_png: Path) -> Path:
     fig = Figure(figsize=(4.8 * len(panels), 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = dict(zip(panels, fig.subplots(1, len(panels), squeeze=False)[0]))
-    for run in runs:
+    for i, run in enumerate(runs):
+        style = {"label": run.label, "color": f"C{i % 10}"}  # one colour per run in every panel
         m = run.metrics
         acc = m["test_accuracy"].astype(np.float64)
         cum_bytes = np.cumsum(m["bytes_up"].astype(np.float64) + m["bytes_down"].astype(np.float64))
         ok = np.isfinite(acc)
-        axes["round"].plot(m["round"][ok], acc[ok], marker=".", label=run.label)
+        axes["round"].plot(m["round"][ok], acc[ok], marker=".", **style)
         on_log = ok & (cum_bytes > 0)  # a log axis cannot show zero bytes
-        axes["bytes"].plot(cum_bytes[on_log], acc[on_log], marker=".", label=run.label)
+        axes["bytes"].plot(cum_bytes[on_log], acc[on_log], marker=".", **style)
         if "sim_time" in axes:
             t = m["sim_time"].astype(np.float64)
-            axes["sim_time"].plot(t[ok], acc[ok], marker=".", label=run.label)
+            axes["sim_time"].plot(t[ok], acc[ok], marker=".", **style)
         if "family" in axes and run.family_accuracy is not None:
             keep = np.isfinite(run.family_accuracy) & (run.family_macs > 0)
             order = np.argsort(run.family_macs[keep])
             axes["family"].plot(
-                run.family_macs[keep][order], run.family_accuracy[keep][order], marker="o", label=run.label
+                run.family_macs[keep][order], run.family_accuracy[keep][order], marker="o", **style
             )
 
     titles = {
