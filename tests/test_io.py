@@ -136,8 +136,9 @@ def test_a_reader_holding_the_log_never_crashes_the_writer(tmp_path):
     log = MetricsLog(tmp_path / "log.h5", flush_seconds=0)
     log.create({"algorithm": "fedavg"})
     # a user's reader in another process, with HDF5's default file lock, holding the file open
-    code = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(30)"
-    reader = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "log.h5")], stdout=subprocess.PIPE, text=True)
+    code = "import h5py, sys, time; f = h5py.File(sys.argv[1]); print('open', flush=True); time.sleep(30)"
+    cmd = [sys.executable, "-c", code, str(tmp_path / "log.h5")]
+    reader = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline().strip() == "open"
         log.append(_row(0))  # locked: the row stays pending, no exception

@@ -78,7 +78,8 @@ class MetricsLog:
                 if wait == 0.0:
                     return  # rows stay pending
                 if time.monotonic() >= deadline:
-                    warnings.warn(f"{self.path} stayed locked by a reader; appending without the lock", stacklevel=2)
+                    msg = f"{self.path} stayed locked by a reader; appending without the lock"
+                    warnings.warn(msg, stacklevel=2)
                     self._write(self.pending, locking=False)
                     break
                 time.sleep(0.05)
