@@ -14,8 +14,16 @@ import os
 import numpy as np
 
 
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
+
+
 def world():
     """mpi4py's COMM_WORLD (size 1 when started without mpirun/srun)."""
+    if not any(v in os.environ for v in _LAUNCHER_VARS):
+        # A singleton (no launcher) talks to nobody: Open MPI probing its network transports
+        # costs about 1 s of MPI_Init here. Only the self transport is needed. A user's own
+        # setting wins, and other MPIs ignore the variable.
+        os.environ.setdefault("OMPI_MCA_btl", "self")
     from mpi4py import MPI  # imported here: MPI_Init happens on first use, not at package import
 
     return MPI.COMM_WORLD
