@@ -148,8 +148,13 @@ class H5Clients:
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Client ``i`` (in sorted id order): reads only ``examples/<id>/``."""
-        grp = self._file()["examples"][self.ids[i]]
-        return _to_model_input(grp[self.input_key][()], self.input_key), self.labels(i)
+        cid = self.ids[i]
+        try:
+            grp = self._file()["examples"][cid]
+            return _to_model_input(grp[self.input_key][()], self.input_key), self.labels(i)
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # bit rot, wrong dtype, vanished
+            # found mid-run on one rank only: the CLI aborts the whole job with exit 2
+            raise self._fail(f"examples/{cid}: cannot read its data ({exc})") from None
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         parts = [self.read(i) for i in range(len(self.ids))]
