@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from hpcfed.comm import world
+    from hpcfed.signals import StopFlag
 
+    # First thing: a stop signal during start-up (imports, data loading) must not kill a rank;
+    # it is honoured at the first round boundary.
+    stop = StopFlag().install()
     comm = world()
     rank, size = comm.Get_rank(), comm.Get_size()
     if size > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -96,7 +100,7 @@ def _train(args) -> int:
     # Set-up: every rank parses, loads data and builds the model; errors are agreed on at the end.
     run, error = None, None
     try:
-        run = _setup(args, comm)
+        run = _setup(args, comm, stop)
     except UserError as exc:
         error = (2, str(exc))
     except Exception:  # noqa: BLE001 - reported below, on every rank that hit it
@@ -128,7 +132,7 @@ def _train(args) -> int:
     return 0
 
 
-def _setup(args, comm):
+def _setup(args, comm, stop):
     from hpcfed.config import load_job, parse_override, validate
     from hpcfed.io.checkpoint import load_latest
     from hpcfed.runner import Run, check_new_run_dir
@@ -136,7 +140,7 @@ def _setup(args, comm):
     if args.command == "run":
         job = load_job(args.job, args.overrides)
         check_new_run_dir(job.run_dir, comm)
-        run = Run(job, comm, job.run_dir)
+        run = Run(job, comm, job.run_dir, stop=stop)
         run.create_files()
         return run
     run_dir = Path(args.run_dir)
@@ -153,7 +157,7 @@ def _setup(args, comm):
         raw["rounds"] = value
     job = validate(raw, str(config))
     ckpt = load_latest(run_dir)
-    run = Run(job, comm, run_dir)
+    run = Run(job, comm, run_dir, stop=stop)
     run.restore(ckpt)
     if comm.Get_rank() == 0 and args.overrides:
         from hpcfed.config import to_toml

@@ -42,7 +42,9 @@ class RunResult:
 class Run:
     """One job on one communicator: set-up, then :meth:`loop`."""
 
-    def __init__(self, job: JobConfig, comm, run_dir: Path, progress: bool = True):
+    def __init__(
+        self, job: JobConfig, comm, run_dir: Path, progress: bool = True, stop: StopFlag | None = None
+    ):
         self.job, self.comm, self.run_dir = job, comm, Path(run_dir)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.progress = progress and self.rank == 0
@@ -60,7 +62,7 @@ class Run:
         self.test_x, self.test_y = x[shard], y[shard]
         self.start_round, self.wall_offset = 0, 0.0
         self.log = MetricsLog(self.run_dir / "log.h5") if self.rank == 0 else None
-        self.stop = StopFlag().install()
+        self.stop = stop if stop is not None else StopFlag().install()
 
     # -- files (rank 0) ---------------------------------------------------------------------------
     def attrs(self) -> dict:
