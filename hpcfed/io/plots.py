@@ -89,9 +89,15 @@ def plot_runs(run_dirs: list[Path], out_png: Path) -> Path:
     if not run_dirs:
         raise UserError("plot: no run folders given")
     runs = [_read_run(Path(d)) for d in run_dirs]
+    labels = [r.label for r in runs]
+    for run, d in zip(runs, run_dirs):
+        if labels.count(run.label) > 1:  # same run name under different out folders
+            path = Path(d).resolve()
+            run.label = f"{(path.parent if path.name == 'log.h5' else path).parent.name}/{run.label}"
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     panels = ["round", "bytes"]
     if any(r.algorithm.lower() == "hadfl" for r in runs):
@@ -135,6 +141,7 @@ def plot_runs(run_dirs: list[Path], out_png: Path) -> Path:
         ax.grid(True, alpha=0.3)
         if key in ("bytes", "family"):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
         if ax.lines:
             ax.legend(fontsize="small")
 
