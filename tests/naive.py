@@ -111,3 +111,15 @@ def rice_encode(g, r) -> np.ndarray:
         stream += [1] * (v >> r) + [0] + [(v >> b) & 1 for b in range(r)]
     stream += [0] * (-len(stream) % 8)
     return np.array([sum(stream[i + b] << b for b in range(8)) for i in range(0, len(stream), 8)], np.uint8)
+
+
+def quantize_pack_uniform(x, bits, scale, stochastic=False, seed=0) -> np.ndarray:
+    """The fused kernel's rule: the uniform symbols, then the LSB-first bit stream."""
+    return pack_bits(quantize_uniform(x, bits, scale, stochastic, seed), bits)
+
+
+def packed_counts(data, bits, n) -> np.ndarray:
+    """How often each symbol occurs among the first ``n`` ``bits``-bit fields of the bit stream."""
+    stream = [(int(b) >> i) & 1 for b in data for i in range(8)]
+    symbols = [sum(stream[j * bits + i] << i for i in range(bits)) for j in range(n)]
+    return np.bincount(np.array(symbols, np.int64), minlength=1 << bits).astype(np.int64)

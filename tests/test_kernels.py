@@ -268,3 +268,98 @@ if given is not None:
     def test_median_property(x, q):
         for got, ref in zip(K.quantize_median(x, q), naive.quantize_median(x, q), strict=True):
             np.testing.assert_array_equal(got, ref)
+
+
+# -- fused quantise+pack, packed histogram ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 17, 1001])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_quantize_pack_matches_two_step_and_naive(bits, n, stochastic):
+    x = rand(n, seed=n + bits)
+    for scale in (K.absmax(x), 0.5, 0.0):  # 0.5 clips the tails to the end levels
+        for seed in (0, 7, 2**64 - 1):
+            got = K.quantize_pack_uniform(x, bits, scale, stochastic=stochastic, seed=seed)
+            two = K.pack_bits(K.quantize_uniform(x, bits, scale, stochastic=stochastic, seed=seed), bits)
+            assert got.dtype == np.uint8 and got.size == K.packed_size(n, bits)
+            np.testing.assert_array_equal(got, two)
+            if n <= 17 or seed == 7:
+                np.testing.assert_array_equal(
+                    got, naive.quantize_pack_uniform(x, bits, scale, stochastic, seed)
+                )
+            if not stochastic:
+                break  # the seed only matters for stochastic rounding
+
+
+def test_quantize_pack_large_and_ties():
+    # a size past every unrolled block, and values on the rounding boundaries (ties, clipping)
+    x = np.concatenate([rand(100_003, seed=3), np.linspace(-1.5, 1.5, 4097).astype(F32)])
+    for bits in range(1, 9):
+        for stochastic in (False, True):
+            np.testing.assert_array_equal(
+                K.quantize_pack_uniform(x, bits, 1.0, stochastic=stochastic, seed=11),
+                K.pack_bits(K.quantize_uniform(x, bits, 1.0, stochastic=stochastic, seed=11), bits),
+            )
+
+
+def test_quantize_pack_errors():
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, 5, 16):  # inside a whole unit and in the tail
+            x = rand(17)
+            x[pos] = bad
+            for bits in (1, 3, 4, 8):
+                with pytest.raises(ValueError, match="NaN or Inf"):
+                    K.quantize_pack_uniform(x, bits, 1.0)
+    with pytest.raises(ValueError):
+        K.quantize_pack_uniform(rand(4), 9, 1.0)
+    with pytest.raises(ValueError):
+        K.quantize_pack_uniform(rand(4), 4, float("nan"))
+    with pytest.raises(ValueError):
+        K.quantize_pack_uniform(rand(4), 4, -1.0)
+    with pytest.raises(TypeError):
+        K.quantize_pack_uniform(rand(4).astype(np.float64), 4, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.quantize_pack_uniform(rand(8)[::2], 4, 1.0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 1001])
+def test_pack_one_bit_equals_numpy(n):
+    q = np.random.default_rng(n).integers(0, 2, n + 3).astype(np.uint8)
+    for view in (q[:n], q[3:]):  # the second starts off an 8-byte boundary
+        np.testing.assert_array_equal(K.pack_bits(view, 1), np.packbits(view, bitorder="little"))
+    for bad_at in range(min(n, 17)):
+        for bad in (2, 3, 128, 255):
+            b = q[:n].copy()
+            b[bad_at] = bad
+            with pytest.raises(ValueError, match="does not fit"):
+                K.pack_bits(b, 1)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [0, 1, 7, 9, 1001])
+def test_packed_counts_matches_naive(bits, n):
+    q = np.random.default_rng(n + 10 * bits).integers(0, 1 << bits, n).astype(np.uint8)
+    packed = K.pack_bits(q, bits)
+    got = K.packed_counts(packed, bits, n)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, np.bincount(q, minlength=1 << bits))
+    if n <= 9:
+        np.testing.assert_array_equal(got, naive.packed_counts(packed, bits, n))
+    with pytest.raises(ValueError):
+        K.packed_counts(packed, bits, n + 8)
+
+
+if given is not None:
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        arrays(F32, st.integers(0, 200), elements=st.floats(-1e6, 1e6, width=32)),
+        st.integers(1, 8),
+        st.booleans(),
+        st.integers(0, 2**64 - 1),
+    )
+    def test_quantize_pack_property(x, bits, stochastic, seed):
+        scale = K.absmax(x)
+        got = K.quantize_pack_uniform(x, bits, scale, stochastic=stochastic, seed=seed)
+        np.testing.assert_array_equal(got, naive.quantize_pack_uniform(x, bits, scale, stochastic, seed))
