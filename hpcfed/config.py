@@ -18,7 +18,7 @@ class UserError(Exception):
     """The user's input is wrong: the CLI prints the message on one line and exits 2."""
 
 
-ALGORITHMS = ("fedavg",)  # grows as the methods land: superfed, fedpt, resfed, hadfl, prism
+ALGORITHMS = ("fedavg", "fedpt", "prism", "resfed")  # grows as the methods land: superfed, resfed, hadfl
 
 
 class _Strict(BaseModel):
@@ -90,6 +90,81 @@ class CompressConfig(_Strict):
         return self.sparsity > 0 or self.quantization != "none"
 
 
+class FedPTConfig(_Strict):
+    """FedPT (algorithm = "fedpt"): which parameters train; the rest stay at their seeded values.
+
+    Exactly one of ``freeze`` ("largest": the layer holding the most parameters, or a list of
+    parameter-name globs such as ``["fc1.*"]``) and ``trainable`` (globs; ``["*"]`` trains all)."""
+
+    freeze: str | list[str] | None = None
+    trainable: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> FedPTConfig:
+        if self.freeze is not None and self.trainable is not None:
+            raise ValueError("give fedpt.freeze or fedpt.trainable, not both")
+        if isinstance(self.freeze, str) and self.freeze != "largest":
+            raise ValueError(f'fedpt.freeze must be "largest" or a list of name globs, not {self.freeze!r}')
+        if self.trainable == []:
+            raise ValueError("fedpt.trainable is empty: nothing would train")
+        return self
+
+
+DP_ALGORITHMS = ("fedavg", "fedpt")  # the strategies that implement [dp]
+
+
+class DPConfig(_Strict):
+    """DP-FedAvg (McMahan et al. 2018): a ``[dp]`` table in the job turns it on."""
+
+    clip: float = Field(1.0, gt=0)  # S: each client's update is clipped to L2 norm <= S
+    noise_multiplier: float = Field(1.0, ge=0)  # sigma: N(0, sigma^2 S^2) added to the sum
+    delta: float = Field(1e-5, gt=0, lt=1)  # epsilon is reported for this delta
+    secure_noise: bool = False  # true: OS entropy on rank 0, broadcast (not reproducible)
+
+
+class PrismConfig(_Strict):
+    """PriSM (algorithm = "prism"): clients train sub-models of sampled principal kernels."""
+
+    keep: float | list[float] = 0.2  # fraction of each layer's kernels a client trains; a list: levels
+    keep_probs: list[float] | None = None  # share of clients at each keep level (default: equal)
+    gamma: float = Field(3.0, ge=0)  # kernel i is sampled with p_i ∝ s_i^gamma
+    sampling: Literal["principal", "uniform", "top", "channels"] = "principal"  # channels: HeteroFL
+    out_keep: float = Field(1.0, gt=0, le=1)  # low-rank activations: share of U's output channels
+    layers: Literal["conv", "all"] = "conv"  # "all": hidden linear layers are factorised too
+
+    @model_validator(mode="after")
+    def _levels(self) -> PrismConfig:
+        levels = self.keep if isinstance(self.keep, list) else [self.keep]
+        if not levels or any(not 0 < k <= 1 for k in levels):
+            raise ValueError(f"prism.keep: ratios must be in (0, 1] (got {self.keep})")
+        if self.keep_probs is not None:
+            probs = self.keep_probs
+            if not isinstance(self.keep, list) or len(probs) != len(levels):
+                raise ValueError("prism.keep_probs needs a list prism.keep of the same length")
+            if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+                raise ValueError(f"prism.keep_probs must be non-negative and sum to 1 (got {probs})")
+        return self
+
+
+class ResFedConfig(_Strict):
+    """ResFed (algorithm = "resfed"): residuals against shared predictors, deep-compressed."""
+
+    sparsity: float = Field(0.99, ge=0, lt=1)  # fraction of the residual dropped by a global top-k
+    quantization: Literal["median", "uniform", "none"] = "median"  # median: the paper's codebook
+    bits: int = Field(1, ge=1, le=8)  # median: q (2^(q-1) levels per sign); uniform: bit width
+    predictor: Literal["last", "linear"] = "linear"  # linear: own last + 1/2 the other stream's step
+    uplink: bool = True  # residuals client -> server (false: full models)
+    downlink: bool = True  # residuals server -> client, per client (false: full models)
+    history: int = Field(2, ge=1)  # reconstructed models kept per trajectory
+    state: Literal["memory", "disk"] = "memory"  # disk: per-client trajectories in an HDF5 file per rank
+
+    @model_validator(mode="after")
+    def _enough_history(self) -> ResFedConfig:
+        if self.predictor == "linear" and self.history < 2:
+            raise ValueError("resfed.predictor 'linear' needs resfed.history >= 2")
+        return self
+
+
 class JobConfig(_Strict):
     name: str = "run"
     algorithm: str
@@ -109,6 +184,18 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
+    fedpt: FedPTConfig = Field(default_factory=FedPTConfig)
+    dp: DPConfig | None = None  # None: no [dp] table, no differential privacy
+    prism: PrismConfig = Field(default_factory=PrismConfig)
+    resfed: ResFedConfig = Field(default_factory=ResFedConfig)
+
+    @model_validator(mode="after")
+    def _fedpt_and_dp(self) -> JobConfig:
+        if self.algorithm == "fedpt" and self.fedpt.freeze is None and self.fedpt.trainable is None:
+            raise ValueError("algorithm 'fedpt' needs fedpt.freeze or fedpt.trainable")
+        if self.dp is not None and self.algorithm in ALGORITHMS and self.algorithm not in DP_ALGORITHMS:
+            raise ValueError(f"[dp] works with {', '.join(DP_ALGORITHMS)}, not algorithm {self.algorithm!r}")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

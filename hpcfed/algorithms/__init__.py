@@ -8,6 +8,18 @@ def make_strategy(job, flat, data, device, comm) -> Strategy:
         from hpcfed.algorithms.fedavg import FedAvg
 
         return FedAvg(job, flat, data, device, comm)
+    if job.algorithm == "fedpt":
+        from hpcfed.algorithms.fedpt import FedPT
+
+        return FedPT(job, flat, data, device, comm)
+    if job.algorithm == "prism":
+        from hpcfed.algorithms.prism import Prism
+
+        return Prism(job, flat, data, device, comm)
+    if job.algorithm == "resfed":
+        from hpcfed.algorithms.resfed import ResFed
+
+        return ResFed(job, flat, data, device, comm)
     raise ValueError(f"unknown algorithm {job.algorithm!r}")  # config validation catches this first
 
 

@@ -8,7 +8,8 @@ arXiv 2003.00295) uses Adam's moments with adaptivity tau.
 
 Where we differ: clients send deltas rather than models (identical average, and deltas are what
 compression and DP clip); the average is accumulated in float64 so the result does not depend on
-how clients are spread over ranks.
+how clients are spread over ranks. A ``[dp]`` table makes it DP-FedAvg (McMahan et al. 2018, arXiv
+1710.06963): clipped updates, every client weighing 1, Gaussian noise on the sum (``dp.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.algorithms.compression import Compression
+from hpcfed.algorithms.dp import DP_METRICS, make_dp
 from hpcfed.codecs import IdentityCodec
 from hpcfed.rng import torch_generator
 from hpcfed.train import LocalSGD
@@ -31,17 +33,35 @@ class FedAvg(Strategy):
         self.compression = Compression(self.job.compress, self.job.seed, self.data_clients())
         self._down: bytes = b""
         self._down_len = 0
-        self.trainer = LocalSGD(self.flat.module, self.job.train)
+        self.trainer = LocalSGD(self.flat.module, self.job.train)  # the params that require grad
+        self.dp = make_dp(self.job, self.data_clients(), self.comm)  # None without a [dp] table
+        if self.dp is not None:
+            self.extra_metrics = (*self.extra_metrics, *DP_METRICS)
 
     def init_state(self) -> dict[str, np.ndarray]:
         state = super().init_state()
         cfg = self.job.fedavg
+        size = self.part(state["model"]).size
         if cfg.server_optimizer == "adam":
-            state["adam_m"] = np.zeros(self.flat.size)
-            state["adam_v"] = np.zeros(self.flat.size)
+            state["adam_m"] = np.zeros(size)
+            state["adam_v"] = np.zeros(size)
         elif cfg.server_momentum > 0:
-            state["momentum"] = np.zeros(self.flat.size)
+            state["momentum"] = np.zeros(size)
         return state
+
+    # The part of the model that travels and is averaged: all of it here. FedPT overrides these
+    # four to send only its trainable entries (the frozen rest never leaves the seed).
+    def part(self, model: np.ndarray) -> np.ndarray:
+        return model
+
+    def with_part(self, model: np.ndarray, part: np.ndarray) -> np.ndarray:
+        return part
+
+    def load_part(self, part: np.ndarray) -> None:
+        self.flat.set(part)
+
+    def read_part(self) -> np.ndarray:
+        return self.flat.get()
 
     def data_clients(self) -> int:
         return self.data.num_clients if self.data is not None else self.job.data.num_clients
@@ -52,28 +72,34 @@ class FedAvg(Strategy):
 
     def begin_round(self, state, round_index):
         # every client receives the same model: encode it once per round and per rank
-        self._down, _ = self.codec.encode(state["model"], {})
+        self._down, _ = self.codec.encode(self.part(state["model"]), {})
         self._down_len = self.compression.down_bytes(state, len(self._down))
 
     def client_update(self, state, client_id, round_index) -> Update:
         received, _ = self.codec.decode(self._down, {})
-        self.flat.set(received)
+        self.load_part(received)
         x, y = self.data.client(client_id)
         x, y = x.to(self.device), y.to(self.device)
         gen = torch_generator(self.job.seed, "train", round_index, client_id)
         loss, _ = self.trainer.train(x, y, gen)
-        delta = self.flat.get() - received
+        delta = self.read_part() - received
         # what the server really has: the decoded bytes
         up, decoded = self.compression.send_up(client_id, round_index, delta)
         n = float(y.shape[0])
-        return Update(
-            value=decoded.astype(np.float64) * n,
-            weight=n,
-            metrics={"loss_sum": loss * n, "samples": n, "bytes_up": len(up), "bytes_down": self._down_len},
-        )
+        metrics = {"loss_sum": loss * n, "samples": n, "bytes_up": len(up), "bytes_down": self._down_len}
+        if self.dp is None:
+            return Update(value=decoded.astype(np.float64) * n, weight=n, metrics=metrics)
+        # DP-FedAvg: the clipped update, every client weighing 1 (bounded sensitivity)
+        clipped, was_clipped = self.dp.clip(decoded)
+        metrics["clipped_updates"] = float(was_clipped)
+        return Update(value=clipped, weight=1.0, metrics=metrics)
 
     def server_update(self, state, total: Update, round_index):
-        step = weighted_mean(total, np.zeros(self.flat.size))  # average delta; 0 if nobody reported
+        old = self.part(state["model"])
+        if self.dp is None:
+            step = weighted_mean(total, np.zeros(old.size))  # average delta; 0 if nobody reported
+        else:
+            step = self.dp.average(total.value, round_index)  # (clipped sum + noise) / cohort
         cfg = self.job.fedavg
         if cfg.server_optimizer == "adam":
             state["adam_m"] = cfg.beta1 * state["adam_m"] + (1 - cfg.beta1) * step
@@ -83,8 +109,11 @@ class FedAvg(Strategy):
             state["momentum"] = cfg.server_momentum * state["momentum"] + step
             step = state["momentum"]
         step = self.compression.compress_step(state, cfg.server_lr * step, round_index)
-        state["model"] = (state["model"] + step).astype(np.float32)
+        state["model"] = self.with_part(state["model"], (old + step).astype(np.float32))
         return state
+
+    def server_metrics(self, state, round_index):
+        return {} if self.dp is None else {"epsilon": self.dp.epsilon(round_index + 1)}
 
     def extra_state(self):
         return self.compression.state_arrays()

@@ -1,0 +1,73 @@
+"""PriSM under MPI: ``mpirun -n 2`` and ``-n 3 python -m pytest --with-mpi -m mpi tests/test_mpi_prism.py``.
+
+As in test_mpi.py, each test runs the job on COMM_WORLD and, on rank 0, the same job on COMM_SELF:
+1 rank against 2 (or 3). The SVD runs on every rank; its input (the replicated model) must hold
+the same bits everywhere, and kernel sampling comes from (seed, round, client) alone.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcfed.config import load_job
+from hpcfed.runner import Run
+
+from .conftest import QUICKSTART
+
+pytestmark = pytest.mark.mpi
+
+PRISM = ["algorithm=prism", "model.name=cnn", "prism.keep=0.25", "prism.layers=all"]
+
+
+def _shared_tmp(comm) -> Path:
+    path = tempfile.mkdtemp(prefix="hpcfed-mpi-prism-") if comm.Get_rank() == 0 else None
+    return Path(comm.bcast(path, root=0))
+
+
+def _run(job, comm, run_dir):
+    run = Run(job, comm, run_dir, progress=False)
+    run.create_files()
+    return run, run.loop()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        PRISM,
+        [
+            *PRISM,
+            "prism.keep=[0.25, 0.5]",
+            "prism.out_keep=0.5",
+            "prism.sampling=uniform",
+            "train.momentum=0.5",
+        ],
+        [*PRISM, "prism.sampling=channels"],
+    ],
+    ids=["principal", "heterogeneous", "channels"],
+)
+def test_one_two_three_ranks_same_model(overrides):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    tmp = _shared_tmp(comm)
+    job = load_job(
+        QUICKSTART,
+        [f"out={tmp}", "rounds=3", "eval_every=3", "data.num_clients=12", "clients_per_round=5", *overrides],
+    )
+    run, result = _run(job, comm, tmp / "world")
+    models = comm.allgather(run.state["model"])
+    replicated = all(np.array_equal(m, models[0]) for m in models)
+    diff, acc = None, None
+    if comm.Get_rank() == 0:
+        single, single_result = _run(job, MPI.COMM_SELF, tmp / "self")
+        diff = float(np.abs(single.state["model"] - run.state["model"]).max())
+        acc = abs(single_result.test_accuracy - result.test_accuracy)
+    # every rank asserts the same facts: one failing rank must not leave the others in a collective
+    diff, acc = comm.bcast((diff, acc), root=0)
+    assert replicated
+    assert diff <= 1e-4, diff
+    assert acc <= 1e-9, acc
