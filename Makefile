@@ -35,6 +35,8 @@ test: test-serial test-mpi
 test-serial: $(VENV)/.test-installed
 	$(PY) -m ruff check .
 	timeout 1200 $(PY) -m pytest -q
+	# the kernels once more as plain Python, so coverage and tracebacks see their bodies
+	NUMBA_DISABLE_JIT=1 timeout 600 $(PY) -m pytest -q -m "not slow" tests/test_kernels.py tests/test_codecs.py
 
 test-mpi: $(VENV)/.test-installed
 	$(MPI_ENV) timeout 600 $(MPIRUN) -n 2 $(PY) -m pytest -q --with-mpi -m mpi

@@ -38,7 +38,9 @@ def test_topk_hand_computed():
     assert idx.tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 100, 5000, 40_000, 300_000])
+@pytest.mark.parametrize(
+    "n", [1, 2, 7, 100, 5000, 40_000, pytest.param(300_000, marks=pytest.mark.slow)]  # slow without JIT
+)
 @pytest.mark.parametrize("dist", ["normal", "int"])
 def test_topk_matches_naive(n, dist):
     x = rand(n, seed=n, dist=dist)
