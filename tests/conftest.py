@@ -45,3 +45,27 @@ def small_overrides(tmp_path):
         "data.num_clients=20",
         "clients_per_round=5",
     ]
+
+
+def run_in_process(job, resume: bool = False, comm=None):
+    """Run a job in this process (COMM_WORLD unless given): fresh, or resumed from its newest
+    checkpoint. Returns the finished :class:`hpcfed.runner.Run`."""
+    from hpcfed.comm import world
+    from hpcfed.io.checkpoint import load_latest
+    from hpcfed.runner import Run
+
+    run = Run(job, comm if comm is not None else world(), job.run_dir, progress=False)
+    if resume:
+        run.restore(load_latest(job.run_dir))
+    else:
+        run.create_files()
+    run.result = run.loop()
+    return run
+
+
+def shared_tmp(comm, prefix: str = "hpcfed-mpi-") -> Path:
+    """A temporary folder made by rank 0, its path known to every rank (MPI tests)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix) if comm.Get_rank() == 0 else None
+    return Path(comm.bcast(path, root=0))

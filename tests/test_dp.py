@@ -10,12 +10,11 @@ import hpcfed.config as config
 from hpcfed.algorithms.dp import DifferentialPrivacy, clip_l2
 from hpcfed.comm import world
 from hpcfed.config import DPConfig, UserError, load_job
-from hpcfed.io.checkpoint import load_latest
 from hpcfed.io.metrics import read_metrics
 from hpcfed.rng import numpy_generator
 from hpcfed.runner import Run
 
-from .conftest import QUICKSTART
+from .conftest import QUICKSTART, run_in_process
 
 SMALL = ["data.num_clients=20", "clients_per_round=5", "eval_every=2", "checkpoint_every=100"]
 DP = ["dp.clip=0.5", "dp.noise_multiplier=0.8", "dp.delta=1e-4"]
@@ -35,14 +34,7 @@ def _job(tmp_path, name, overrides, rounds):
 
 
 def _run(tmp_path, name, overrides, rounds=6, resume=False):
-    job = _job(tmp_path, name, overrides, rounds)
-    run = Run(job, world(), job.run_dir, progress=False)
-    if resume:
-        run.restore(load_latest(job.run_dir))
-    else:
-        run.create_files()
-    run.loop()
-    return run
+    return run_in_process(_job(tmp_path, name, overrides, rounds), resume=resume)
 
 
 # --------------------------------------------------------------------------- maths by hand

@@ -39,7 +39,8 @@ def test_topk_hand_computed():
 
 
 @pytest.mark.parametrize(
-    "n", [1, 2, 7, 100, 5000, 40_000, pytest.param(300_000, marks=pytest.mark.slow)]  # slow without JIT
+    "n",
+    [1, 2, 7, 100, 5000, 40_000, pytest.param(300_000, marks=pytest.mark.slow)],  # slow without JIT
 )
 @pytest.mark.parametrize("dist", ["normal", "int"])
 def test_topk_matches_naive(n, dist):

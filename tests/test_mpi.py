@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +15,9 @@ import pytest
 from hpcfed.config import load_job
 from hpcfed.runner import Run
 
-from .conftest import QUICKSTART
+from .conftest import QUICKSTART, shared_tmp
 
 pytestmark = pytest.mark.mpi
-
-
-def _shared_tmp(comm) -> Path:
-    path = tempfile.mkdtemp(prefix="hpcfed-mpi-") if comm.Get_rank() == 0 else None
-    return Path(comm.bcast(path, root=0))
 
 
 def _run(job, comm, run_dir, stop_on_rank=None):
@@ -58,7 +51,7 @@ def test_one_two_three_ranks_same_model(overrides):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    tmp = _shared_tmp(comm)
+    tmp = shared_tmp(comm, "hpcfed-mpi-")
     job = load_job(
         QUICKSTART,
         [f"out={tmp}", "rounds=4", "eval_every=2", "data.num_clients=12", "clients_per_round=5", *overrides],
@@ -82,7 +75,7 @@ def test_signal_on_one_rank_stops_all_at_the_same_boundary():
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    tmp = _shared_tmp(comm)
+    tmp = shared_tmp(comm, "hpcfed-mpi-")
     job = load_job(QUICKSTART, [f"out={tmp}", "rounds=20", "data.num_clients=12", "clients_per_round=4"])
     last = comm.Get_size() - 1
     run, result = _run(job, comm, tmp / "stop", stop_on_rank=last)

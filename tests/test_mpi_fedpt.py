@@ -6,9 +6,6 @@ and every rank asserts the same facts (one failing rank must not leave the other
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -16,16 +13,11 @@ from hpcfed.algorithms.dp import DifferentialPrivacy
 from hpcfed.config import DPConfig, load_job
 from hpcfed.runner import Run
 
-from .conftest import QUICKSTART
+from .conftest import QUICKSTART, shared_tmp
 
 pytestmark = pytest.mark.mpi
 
 BASE = ["rounds=3", "eval_every=3", "data.num_clients=12", "clients_per_round=5"]
-
-
-def _shared_tmp(comm) -> Path:
-    path = tempfile.mkdtemp(prefix="hpcfed-mpi-fedpt-") if comm.Get_rank() == 0 else None
-    return Path(comm.bcast(path, root=0))
 
 
 def _run(job, comm, run_dir):
@@ -50,7 +42,7 @@ def test_one_vs_n_ranks_frozen_identical(overrides):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    tmp = _shared_tmp(comm)
+    tmp = shared_tmp(comm, "hpcfed-mpi-fedpt-")
     job = load_job(QUICKSTART, [f"out={tmp}", *BASE, *overrides])
     run, result, initial = _run(job, comm, tmp / "world")
     models = comm.allgather(run.state["model"])
@@ -97,7 +89,7 @@ def test_secure_noise_run_stays_replicated():
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    tmp = _shared_tmp(comm)
+    tmp = shared_tmp(comm, "hpcfed-mpi-fedpt-")
     overrides = ["algorithm=fedpt", 'fedpt.freeze="largest"', "dp.clip=0.5", "dp.secure_noise=true"]
     job = load_job(QUICKSTART, [f"out={tmp}", *BASE, *overrides])
     run, _, _ = _run(job, comm, tmp / "secure")

@@ -7,25 +7,17 @@ the same bits everywhere, and kernel sampling comes from (seed, round, client) a
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from hpcfed.config import load_job
 from hpcfed.runner import Run
 
-from .conftest import QUICKSTART
+from .conftest import QUICKSTART, shared_tmp
 
 pytestmark = pytest.mark.mpi
 
 PRISM = ["algorithm=prism", "model.name=cnn", "prism.keep=0.25", "prism.layers=all"]
-
-
-def _shared_tmp(comm) -> Path:
-    path = tempfile.mkdtemp(prefix="hpcfed-mpi-prism-") if comm.Get_rank() == 0 else None
-    return Path(comm.bcast(path, root=0))
 
 
 def _run(job, comm, run_dir):
@@ -53,7 +45,7 @@ def test_one_two_three_ranks_same_model(overrides):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    tmp = _shared_tmp(comm)
+    tmp = shared_tmp(comm, "hpcfed-mpi-prism-")
     job = load_job(
         QUICKSTART,
         [f"out={tmp}", "rounds=3", "eval_every=3", "data.num_clients=12", "clients_per_round=5", *overrides],

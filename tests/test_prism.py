@@ -12,7 +12,6 @@ from hpcfed.algorithms.prism import kernel_probabilities, sample_kernels
 from hpcfed.comm import world
 from hpcfed.config import ModelConfig, UserError, load_job
 from hpcfed.flat import FlatModel
-from hpcfed.io.checkpoint import load_latest
 from hpcfed.io.metrics import read_metrics
 from hpcfed.models import build_model
 from hpcfed.models.factorized import (
@@ -25,7 +24,7 @@ from hpcfed.models.factorized import (
 from hpcfed.rng import numpy_generator
 from hpcfed.runner import Run
 
-from .conftest import QUICKSTART
+from .conftest import QUICKSTART, run_in_process
 
 SMALL = ["data.num_clients=20", "clients_per_round=5", "eval_every=2", "checkpoint_every=100"]
 PRISM = ["algorithm=prism", "model.name=cnn", "prism.keep=0.25", "prism.layers=all"]
@@ -198,13 +197,7 @@ def test_slice_and_mask_training_give_identical_gradients(out_keep):
 
 def _run(tmp_path, name, overrides, rounds=6, resume=False):
     job = load_job(QUICKSTART, [f"out={tmp_path}", f"name={name}", f"rounds={rounds}", *SMALL, *overrides])
-    run = Run(job, world(), job.run_dir, progress=False)
-    if resume:
-        run.restore(load_latest(job.run_dir))
-    else:
-        run.create_files()
-    run.loop()
-    return run
+    return run_in_process(job, resume=resume)
 
 
 def _strategy(tmp_path, overrides):

@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcfed.comm import world
 from hpcfed.config import load_job
 from hpcfed.io.checkpoint import load_latest
 from hpcfed.io.metrics import read_metrics
-from hpcfed.runner import Run
 
-from .conftest import QUICKSTART
+from .conftest import QUICKSTART, run_in_process
 
 SMALL = ["data.num_clients=20", "clients_per_round=5", "eval_every=2", "checkpoint_every=100"]
 COMPRESS = ["compress.sparsity=0.9", "compress.quantization=uniform", "compress.bits=4"]
@@ -19,13 +17,7 @@ COMPRESS = ["compress.sparsity=0.9", "compress.quantization=uniform", "compress.
 
 def _run(tmp_path, name, overrides, resume_from=None, rounds=6):
     job = load_job(QUICKSTART, [f"out={tmp_path}", f"name={name}", f"rounds={rounds}", *SMALL, *overrides])
-    run = Run(job, world(), job.run_dir, progress=False)
-    if resume_from is None:
-        run.create_files()
-    else:
-        run.restore(load_latest(job.run_dir))
-    run.loop()
-    return run
+    return run_in_process(job, resume=resume_from is not None)
 
 
 @pytest.mark.parametrize(
