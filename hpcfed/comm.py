@@ -18,12 +18,18 @@ _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "
 
 def world():
     """mpi4py's COMM_WORLD (size 1 when started without mpirun/srun)."""
-    if not any(v in os.environ for v in _LAUNCHER_VARS):
-        # A singleton (no launcher) talks to nobody: Open MPI probing its network transports
-        # costs about 1 s of MPI_Init here. Only the self transport is needed. A user's own
-        # setting wins, and other MPIs ignore the variable.
-        os.environ.setdefault("OMPI_MCA_btl", "self")
-    from mpi4py import MPI  # imported here: MPI_Init happens on first use, not at package import
+    # A singleton (no launcher) talks to nobody: Open MPI probing its network transports costs
+    # about 1 s of MPI_Init here, and only the self transport is needed. A user's own setting
+    # wins, other MPIs ignore the variable, and it is removed again once MPI is initialised so
+    # that processes this one starts (an mpirun in a test, say) do not inherit it.
+    singleton = not any(v in os.environ for v in _LAUNCHER_VARS) and "OMPI_MCA_btl" not in os.environ
+    if singleton:
+        os.environ["OMPI_MCA_btl"] = "self"
+    try:
+        from mpi4py import MPI  # imported here: MPI_Init happens on first use, not at package import
+    finally:
+        if singleton:
+            del os.environ["OMPI_MCA_btl"]
 
     return MPI.COMM_WORLD
 

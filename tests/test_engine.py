@@ -158,3 +158,13 @@ def test_local_sgd_fresh_optimiser_per_client(momentum):
     trainer.train(x, y, torch_generator(0, "train", 0, 0))  # same client again: same result
     for k, v in m.state_dict().items():
         assert torch.equal(v, after_first[k])
+
+
+def test_world_leaves_no_mpi_settings_for_child_processes():
+    import os
+
+    from hpcfed.comm import world
+
+    before = {k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA")}
+    assert world().Get_size() >= 1
+    assert {k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA")} == before
