@@ -69,3 +69,22 @@ def shared_tmp(comm, prefix: str = "hpcfed-mpi-") -> Path:
 
     path = tempfile.mkdtemp(prefix=prefix) if comm.Get_rank() == 0 else None
     return Path(comm.bcast(path, root=0))
+
+
+def world_vs_single(job, comm, tmp: Path) -> tuple[bool, float, float]:
+    """Run ``job`` on ``comm`` and, on rank 0, on COMM_SELF; return facts every rank agrees on:
+    (the server model is the same on every rank, max |model difference|, |accuracy difference|).
+    Every rank then asserts the same values, so a failure never leaves a rank in a collective."""
+    import numpy as np
+    from mpi4py import MPI
+
+    world_run = run_in_process(job.model_copy(update={"out": str(tmp / "world")}), comm=comm)
+    models = comm.allgather(world_run.state["model"])
+    replicated = all(np.array_equal(m, models[0]) for m in models)
+    diff = acc = None
+    if comm.Get_rank() == 0:
+        single = run_in_process(job.model_copy(update={"out": str(tmp / "self")}), comm=MPI.COMM_SELF)
+        diff = float(np.abs(single.state["model"] - world_run.state["model"]).max())
+        acc = abs(single.result.test_accuracy - world_run.result.test_accuracy)
+    diff, acc = comm.bcast((diff, acc), root=0)
+    return replicated, diff, acc

@@ -7,23 +7,15 @@ the same bits everywhere, and kernel sampling comes from (seed, round, client) a
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from hpcfed.config import load_job
-from hpcfed.runner import Run
 
-from .conftest import QUICKSTART, shared_tmp
+from .conftest import QUICKSTART, shared_tmp, world_vs_single
 
 pytestmark = pytest.mark.mpi
 
 PRISM = ["algorithm=prism", "model.name=cnn", "prism.keep=0.25", "prism.layers=all"]
-
-
-def _run(job, comm, run_dir):
-    run = Run(job, comm, run_dir, progress=False)
-    run.create_files()
-    return run, run.loop()
 
 
 @pytest.mark.parametrize(
@@ -50,16 +42,7 @@ def test_one_two_three_ranks_same_model(overrides):
         QUICKSTART,
         [f"out={tmp}", "rounds=3", "eval_every=3", "data.num_clients=12", "clients_per_round=5", *overrides],
     )
-    run, result = _run(job, comm, tmp / "world")
-    models = comm.allgather(run.state["model"])
-    replicated = all(np.array_equal(m, models[0]) for m in models)
-    diff, acc = None, None
-    if comm.Get_rank() == 0:
-        single, single_result = _run(job, MPI.COMM_SELF, tmp / "self")
-        diff = float(np.abs(single.state["model"] - run.state["model"]).max())
-        acc = abs(single_result.test_accuracy - result.test_accuracy)
-    # every rank asserts the same facts: one failing rank must not leave the others in a collective
-    diff, acc = comm.bcast((diff, acc), root=0)
+    replicated, diff, acc = world_vs_single(job, comm, tmp)
     assert replicated
     assert diff <= 1e-4, diff
     assert acc <= 1e-9, acc
