@@ -36,6 +36,17 @@ VARIANTS = {
         "fedavg.server_lr=2.0",
     ],
     "topk1%+4bit+EF 100 rounds": [*TOPK4, "compress.error_feedback=true", "rounds=100"],
+    # FedAvgM: server momentum accumulates the sparse averaged updates across rounds
+    **{f"fedavgm seed={s}": ["fedavg.server_momentum=0.9", f"seed={s}"] for s in range(3)},
+    **{
+        f"topk1%+4bit+EF fedavgm seed={s}": [
+            *TOPK4,
+            "compress.error_feedback=true",
+            "fedavg.server_momentum=0.9",
+            f"seed={s}",
+        ]
+        for s in range(3)
+    },
 }
 
 
