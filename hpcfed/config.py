@@ -18,7 +18,7 @@ class UserError(Exception):
     """The user's input is wrong: the CLI prints the message on one line and exits 2."""
 
 
-ALGORITHMS = ("fedavg", "fedpt", "prism", "resfed")  # grows as the methods land: superfed, resfed, hadfl
+ALGORITHMS = ("fedavg", "fedpt", "prism", "resfed")  # grows as the methods land: superfed, hadfl
 
 
 class _Strict(BaseModel):
