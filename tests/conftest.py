@@ -88,3 +88,20 @@ def world_vs_single(job, comm, tmp: Path) -> tuple[bool, float, float]:
         acc = abs(single.result.test_accuracy - world_run.result.test_accuracy)
     diff, acc = comm.bcast((diff, acc), root=0)
     return replicated, diff, acc
+
+
+def assert_resume_matches(straight, resumed, tmp_path: Path, columns: tuple[str, ...], rounds: int = 6):
+    """A resumed run ("parts") equals the uninterrupted one ("straight"): every server-state array,
+    every round logged once, and the given log columns. Returns both logs' columns."""
+    import numpy as np
+
+    from hpcfed.io.metrics import read_metrics
+
+    for key in straight.state:
+        np.testing.assert_array_equal(resumed.state[key], straight.state[key])
+    a = read_metrics(tmp_path / "straight" / "log.h5")[1]
+    b = read_metrics(tmp_path / "parts" / "log.h5")[1]
+    assert b["round"].tolist() == list(range(rounds))
+    for col in columns:
+        np.testing.assert_array_equal(a[col], b[col])
+    return a, b
