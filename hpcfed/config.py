@@ -152,7 +152,9 @@ class ResFedConfig(_Strict):
     sparsity: float = Field(0.99, ge=0, lt=1)  # fraction of the residual dropped by a global top-k
     quantization: Literal["median", "uniform", "none"] = "median"  # median: the paper's codebook
     bits: int = Field(1, ge=1, le=8)  # median: q (2^(q-1) levels per sign); uniform: bit width
-    predictor: Literal["last", "linear"] = "linear"  # linear: own last + 1/2 the other stream's step
+    # last: own last model; linear: own last + 1/2 the other stream's step (the paper's two rules);
+    # received: the uplink is predicted by the model the client just received (our rule, docs/resfed.md)
+    predictor: Literal["last", "linear", "received"] = "linear"
     uplink: bool = True  # residuals client -> server (false: full models)
     downlink: bool = True  # residuals server -> client, per client (false: full models)
     history: int = Field(2, ge=1)  # reconstructed models kept per trajectory

@@ -50,6 +50,7 @@ def _trajectories(run) -> dict[str, np.ndarray]:
     [
         ["resfed.predictor=linear"],
         ["resfed.predictor=last", "resfed.state=disk"],
+        ["resfed.predictor=received", "resfed.state=disk"],  # with the uplink's error memory
         ["resfed.sparsity=0", "resfed.quantization=none"],  # lossless
     ],
 )

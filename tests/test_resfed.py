@@ -58,13 +58,21 @@ def _run(tmp_path, name, overrides, rounds=6, resume=False, cohort=4):
 def test_predictor_rules_by_hand():
     own = np.array([[1.0, 2.0], [3.0, 5.0]], np.float32)
     other = np.array([[0.0, 10.0], [4.0, 6.0]], np.float32)
-    np.testing.assert_array_equal(predict("last", own, other), [3.0, 5.0])
-    np.testing.assert_array_equal(predict("linear", own, other), [3.0 + 2.0, 5.0 - 2.0])
-    assert can_predict("last", own[:1], other[:0])
-    assert not can_predict("last", own[:0], other)
-    assert can_predict("linear", own[:1], other) and not can_predict("linear", own, other[:1])
+    for stream in ("down", "up"):
+        np.testing.assert_array_equal(predict("last", stream, own, other), [3.0, 5.0])
+        np.testing.assert_array_equal(predict("linear", stream, own, other), [3.0 + 2.0, 5.0 - 2.0])
+        assert can_predict("last", stream, own[:1], other[:0])
+        assert not can_predict("last", stream, own[:0], other)
+        assert can_predict("linear", stream, own[:1], other)
+        assert not can_predict("linear", stream, own, other[:1])
+    # "received": the uplink from the downlink's latest model, the downlink as "last"
+    np.testing.assert_array_equal(predict("received", "up", own, other), [4.0, 6.0])
+    np.testing.assert_array_equal(predict("received", "down", own, other), [3.0, 5.0])
+    assert can_predict("received", "up", own[:0], other[:1]) and not can_predict(
+        "received", "up", own, other[:0]
+    )
     with pytest.raises(ValueError):
-        predict("average", own, other)
+        predict("average", "up", own, other)
 
 
 def test_append_keeps_newest_history():
@@ -95,7 +103,7 @@ def test_config_rejects_linear_without_history_and_compress_table(tmp_path):
 # --------------------------------------------------------------------------- the two ends
 
 
-@pytest.mark.parametrize("predictor", ["last", "linear"])
+@pytest.mark.parametrize("predictor", ["last", "linear", "received"])
 def test_both_ends_hold_identical_trajectories_over_many_rounds(tmp_path, predictor):
     # partial participation (4 of 6): trajectories go stale and come back; every message is also
     # checked inside the run (a mismatch raises), here the stored trajectories of both ends
@@ -113,7 +121,11 @@ def test_both_ends_hold_identical_trajectories_over_many_rounds(tmp_path, predic
     # after the warm-up both directions carry residuals: far fewer bytes than full models
     assert (cols["bytes_up"][-4:] < 4 * full / 10).all() and (cols["bytes_down"][-4:] < 4 * full / 10).all()
     assert (cols["formula_bits_up"][-4:] < 4 * 32 * run.flat.size / 10).all()
-    assert cols["bytes_up"][0] == cols["bytes_down"][0] == 4 * full  # round 0: full models both ways
+    assert cols["bytes_down"][0] == 4 * full  # round 0: full models down
+    # and up, except with "received": the client has just received a model to predict from
+    assert (
+        (cols["bytes_up"][0] < 4 * full / 10) if predictor == "received" else cols["bytes_up"][0] == 4 * full
+    )
     assert np.isfinite(cols["test_accuracy"][-1])
 
 
@@ -125,9 +137,11 @@ def test_a_decoder_with_the_other_rule_is_caught(tmp_path, monkeypatch):
     swapped = {"last": "linear", "linear": "last"}
 
     def receive(self, stream, data, own, other):
-        if not self._uses_residual(stream, own, other) or not resfed.can_predict("linear", own, other):
+        if not self._uses_residual(stream, own, other) or not resfed.can_predict(
+            "linear", stream, own, other
+        ):
             return original_receive(self, stream, data, own, other)
-        return self._reconstruct(original(swapped[self.cfg.predictor], own, other), data)
+        return self._reconstruct(original(swapped[self.cfg.predictor], stream, own, other), data)
 
     original_receive = resfed.ResFed.receive
     monkeypatch.setattr(resfed.ResFed, "receive", receive)
@@ -141,12 +155,31 @@ def test_a_decoder_with_the_other_rule_is_caught(tmp_path, monkeypatch):
 def test_uncompressed_resfed_is_fedavg_exactly(tmp_path):
     lossless = ["resfed.sparsity=0", "resfed.quantization=none"]
     fedavg = _run(tmp_path, "fedavg", ["algorithm=fedavg"], rounds=6)
-    for predictor in ("last", "linear"):
+    for predictor in ("last", "linear", "received"):
         resfed = _run(tmp_path, predictor, [*lossless, f"resfed.predictor={predictor}"], rounds=6)
         np.testing.assert_array_equal(resfed.state["model"], fedavg.state["model"])
         a = read_metrics(fedavg.run_dir / "log.h5")[1]
         b = read_metrics(resfed.run_dir / "log.h5")[1]
         np.testing.assert_array_equal(a["train_loss"], b["train_loss"])
+
+
+def test_received_uplink_error_memory_keeps_what_compression_dropped(tmp_path):
+    """Error feedback's invariant: after T messages of the same step, what the server rebuilt
+    plus the client's memory is T times the step (nothing is lost, only delayed)."""
+    run = _run(tmp_path, "memory", [*COMPRESSED, "resfed.predictor=received"], rounds=1)
+    strategy, p = run.strategy, run.flat.size
+    rng = np.random.default_rng(1)
+    start = rng.normal(size=p).astype(np.float32)
+    step = (0.01 * rng.normal(size=p)).astype(np.float32)
+    st = strategy._empty_state()
+    st["down.server"] = st["down.client"] = start[None]
+    rebuilt = np.zeros(p)
+    for _ in range(5):
+        sent, got = strategy._link(st, "up", start + step, client_id=0)
+        rebuilt += got.astype(np.float64) - start
+        assert np.count_nonzero(got - start) <= 0.1 * p + 1  # top-k keeps 10 %: a real compression
+    np.testing.assert_allclose(rebuilt + st["up.error"][0], 5 * step.astype(np.float64), atol=1e-5)
+    assert np.linalg.norm(st["up.error"][0]) > 0
 
 
 def test_lossless_residual_patches_what_float32_cannot_add_back(tmp_path):
