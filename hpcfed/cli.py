@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="accuracy against round, bytes and simulated time")
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("-o", "--output", default=None)
+    e = sub.add_parser("export", help="SuperFed: one subnet of the family as a standalone checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--subnet", required=True, help="smallest | largest | a JSON spec")
+    e.add_argument("-o", "--output", required=True, help="the checkpoint file to write (.h5)")
     b = sub.add_parser("bench", help="benchmarks: hpcfed bench kernels [--json]")
     b.add_argument("what", choices=["kernels"])
     b.add_argument("--json", action="store_true", help="machine-readable output")
@@ -65,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             dirs = [Path(d) for d in args.run_dirs]
             out = Path(args.output) if args.output else dirs[0] / "plots" / "accuracy.png"
             print(plot_runs(dirs, out))
+        elif args.command == "export":
+            import json
+
+            from hpcfed.export import export_subnet
+
+            path, spec = export_subnet(Path(args.run_dir), args.subnet, Path(args.output))
+            print(f"{path}  subnet {json.dumps(spec)}")
         elif args.command == "bench":
             import json
 

@@ -7,18 +7,19 @@ error naming the key. Every problem the user can fix raises :class:`UserError` (
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(Exception):
     """The user's input is wrong: the CLI prints the message on one line and exits 2."""
 
 
-ALGORITHMS = ("fedavg", "fedpt", "prism", "resfed")  # grows as the methods land: superfed, hadfl
+ALGORITHMS = ("fedavg", "fedpt", "prism", "resfed", "superfed", "hadfl")
 
 
 class _Strict(BaseModel):
@@ -49,11 +50,17 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["mlp", "cnn", "resnet8", "resnet18"] = "mlp"
+    name: Literal["mlp", "cnn", "resnet8", "resnet18", "elastic_mlp", "elastic_resnet"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [128])  # mlp hidden widths
     # BatchNorm statistics do not average well across non-IID clients (and the methods'
     # authors disable BN), so ResNets default to GroupNorm; "batch" is there for comparison.
     norm: Literal["group", "batch", "none"] = "group"
+    # elastic_resnet (SuperFed's supernet): output channels of each stage, most blocks per stage
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    blocks: list[int] = Field(default_factory=lambda: [3, 3, 3])
+    # one fixed subnet of an elastic model, trained by any algorithm (SuperFed's iFedAvg baseline):
+    # "smallest" | "largest" | a spec (TOML table or JSON text); resolved to a spec in the job
+    subnet: str | dict[str, Any] | None = None
 
 
 class TrainConfig(_Strict):
@@ -167,6 +174,78 @@ class ResFedConfig(_Strict):
         return self
 
 
+class HADFLConfig(_Strict):
+    """HADFL (algorithm = "hadfl"): decentralized devices on a simulated clock (docs/hadfl.md)."""
+
+    # steps per simulated second: a list cycled over devices, "lognormal:SIGMA" drawn from the
+    # seed, or "measured" (timed real steps at start-up: not reproducible, kept in checkpoints)
+    speeds: list[float] | str = Field(default_factory=lambda: [1.0])
+    schedule: Literal["hadfl", "dfedavg", "sync"] = "hadfl"
+    local_steps: int = Field(8, ge=1)  # tau_max of the fastest device; every device's tau for dfedavg
+    select_fraction: float = Field(0.5, gt=0, le=1)  # share of devices picked to pair-average per cycle
+    max_staleness: int = Field(4, ge=1)  # a device unsynced this many cycles is picked for sure
+
+    @field_validator("speeds")
+    @classmethod
+    def _speeds(cls, v: list[float] | str) -> list[float] | str:
+        if isinstance(v, list):
+            if not v or any(not math.isfinite(s) or s <= 0 for s in v):
+                raise ValueError("speeds must be a non-empty list of positive numbers")
+        elif v != "measured":
+            kind, _, sigma = v.partition(":")
+            try:
+                ok = kind == "lognormal" and math.isfinite(float(sigma)) and float(sigma) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError('speeds must be a list, "lognormal:SIGMA" (SIGMA >= 0) or "measured"')
+        return v
+
+
+class SuperFedConfig(_Strict):
+    """SuperFed (algorithm = "superfed"): a weight-shared family of subnets of an elastic model."""
+
+    depths: list[int] | None = None  # depths a subnet may take (MLP layers, blocks per stage); None: all
+    widths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # width ratios
+    beta0: float = Field(0.9, gt=0, lt=1)  # MaxNet: the largest subnet's weight at round 0
+    beta_end: float | None = Field(None, gt=0, lt=1)  # its weight after the decay; None: 1/K
+    decay_fraction: float = Field(0.8, gt=0, le=1)  # the decay lasts this share of the rounds
+    # evaluated every eval_every: "smallest" | "largest" | specs; None: smallest, two middle, largest
+    eval_subnets: list[str | dict[str, Any]] | None = None
+
+
+class FaultsConfig(_Strict):
+    """``[faults]``: injected client failures, to test a job's robustness (README "Faults").
+
+    Every decision comes from the (seed, round, client) generator, so a faulty run is the same on
+    any number of ranks and resumes exactly."""
+
+    nan_prob: float = Field(0.0, ge=0, le=1)  # a client's update arrives as NaN/Inf (rejected)
+    drop_prob: float = Field(0.0, ge=0, le=1)  # a sampled client drops out before training
+    slow_prob: float = Field(0.0, ge=0, le=1)  # a straggler: does only part of its local steps
+    slow_work: float = Field(0.5, gt=0, le=1)  # the share of its local steps a straggler does
+
+    @property
+    def active(self) -> bool:
+        return self.nan_prob > 0 or self.drop_prob > 0 or self.slow_prob > 0
+
+
+ROBUST_ALGORITHMS = ("fedavg", "fedpt")  # one scalar weight per client update: clip/median apply
+
+
+class RobustConfig(_Strict):
+    """``[robust]``: per-client update clipping and coordinate-wise robust aggregation."""
+
+    clip_norm: float | None = Field(None, gt=0)  # clip each client's update (delta) to this L2 norm
+    # "median"/"trimmed_mean" need every client's update: an Allgather of K x P, not an Allreduce of P
+    aggregate: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim: float = Field(0.1, ge=0, lt=0.5)  # trimmed_mean: share cut at each end, per coordinate
+
+    @property
+    def active(self) -> bool:
+        return self.clip_norm is not None or self.aggregate != "mean"
+
+
 class JobConfig(_Strict):
     name: str = "run"
     algorithm: str
@@ -190,6 +269,24 @@ class JobConfig(_Strict):
     dp: DPConfig | None = None  # None: no [dp] table, no differential privacy
     prism: PrismConfig = Field(default_factory=PrismConfig)
     resfed: ResFedConfig = Field(default_factory=ResFedConfig)
+    hadfl: HADFLConfig = Field(default_factory=HADFLConfig)
+    superfed: SuperFedConfig = Field(default_factory=SuperFedConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
+
+    @model_validator(mode="after")
+    def _robust(self) -> JobConfig:
+        if not self.robust.active:
+            return self
+        # clipping and medians act on one update per client with one scalar weight; per-element
+        # weights (sub-models), residual streams and peer exchanges have no such update
+        if self.algorithm not in ROBUST_ALGORITHMS:
+            raise ValueError(
+                f"[robust] works with {', '.join(ROBUST_ALGORITHMS)}, not algorithm {self.algorithm!r}"
+            )
+        if self.dp is not None:  # DP clips already, and a median would void its sensitivity bound
+            raise ValueError("[robust] and [dp] do not combine: DP clips each update itself (dp.clip)")
+        return self
 
     @model_validator(mode="after")
     def _fedpt_and_dp(self) -> JobConfig:
@@ -200,10 +297,21 @@ class JobConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _elastic(self) -> JobConfig:
+        from hpcfed.models.elastic import check_job  # lazy: models import this module
+
+        try:
+            check_job(self)  # resolves model.subnet to an explicit spec
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-        if self.clients_per_round > self.data.num_clients:
+        # HADFL has no cohort: every device trains each cycle (hadfl.select_fraction picks pairs)
+        if self.clients_per_round > self.data.num_clients and self.algorithm != "hadfl":
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds "
                 f"data.num_clients ({self.data.num_clients})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +22,16 @@ from hpcfed.algorithms import Update, make_strategy
 from hpcfed.comm import PackedAllreduce, allreduce_sum, choose_device
 from hpcfed.config import JobConfig, UserError, to_toml
 from hpcfed.data import load_federated
+from hpcfed.faults import FAULT_METRICS, Faults
 from hpcfed.flat import FlatModel
 from hpcfed.io.checkpoint import Checkpoint, save_checkpoint
 from hpcfed.io.metrics import MetricsLog
 from hpcfed.models import build_model
 from hpcfed.placement import assign
 from hpcfed.rng import cohort
+from hpcfed.robust import RobustAggregation, is_finite
 from hpcfed.signals import StopFlag
-from hpcfed.train import evaluate_sums
+from hpcfed.train import evaluate_sums, local_work
 
 
 @dataclass
@@ -55,7 +58,12 @@ class Run:
         self.flat = FlatModel(module)
         self.strategy = make_strategy(job, self.flat, self.data, self.device, comm)
         self.state = self.strategy.init_state()
-        self.packed = PackedAllreduce(comm, {**self.strategy.layout(), "stop": 1})
+        # [faults] and the engine's update checks (hpcfed/faults.py, hpcfed/robust.py); their counts
+        # ride on the round's Allreduce
+        self.faults = Faults(job.faults, job.seed)
+        self.robust = RobustAggregation(job.robust, comm)
+        counts = {name: 1 for name in ("rejected_updates", *FAULT_METRICS)}
+        self.packed = PackedAllreduce(comm, {**self.strategy.layout(), **counts, "stop": 1})
         # this rank's contiguous shard of the test set: evaluation is split over ranks too
         x, y = self.data.test
         shard = np.array_split(np.arange(x.shape[0]), self.size)[self.rank]
@@ -78,7 +86,7 @@ class Run:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.job))
-            self.log.create(self.attrs())
+            self.log.create(self.attrs(), self.strategy.log_groups())
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint: server state, per-client state, the log cut back to it."""
@@ -90,8 +98,9 @@ class Run:
         if self.rank == 0:
             try:
                 self.log.truncate(ckpt.round)
-            except (OSError, KeyError):  # unreadable log: rebuild it from the checkpoint's history
-                self.log.rebuild(self.attrs(), ckpt.groups.get("history", {}))
+            except (OSError, KeyError, ValueError) as exc:  # torn or short log (a killed writer)
+                warnings.warn(f"{self.log.path}: unusable ({exc}); rebuilt from {ckpt.path}", stacklevel=2)
+                self.log.rebuild(self.attrs(), ckpt.groups.get("history", {}), self.strategy.log_groups())
 
     def checkpoint(self, rounds_done: int, wall: float) -> None:
         # per-client state lives on the clients' home ranks: gather it (every rank takes part)
@@ -119,8 +128,17 @@ class Run:
         correct, loss_sum, count = allreduce_sum(self.comm, np.array([correct, loss_sum, count]))
         return correct / count, loss_sum / count
 
+    def evaluate_groups(self) -> dict[str, dict[str, np.ndarray]]:
+        """The algorithm's further evaluations (e.g. SuperFed's family), summed over ranks."""
+        sums = self.strategy.eval_sums(self.state, self.test_x, self.test_y)
+        return self.strategy.eval_rows(allreduce_sum(self.comm, sums)) if sums.size else {}
+
     # -- the loop -----------------------------------------------------------------------------------
     def loop(self) -> RunResult:
+        if getattr(self.strategy, "decentralized", False):  # HADFL: devices own models, no server
+            from hpcfed.peer import peer_loop
+
+            return peer_loop(self)
         job, strategy, packed = self.job, self.strategy, self.packed
         t0 = time.perf_counter() - self.wall_offset
         bar = self._progress_bar()
@@ -135,21 +153,26 @@ class Run:
             packed.zero()
             strategy.begin_round(self.state, rnd)
             for cid in mine:
-                self._accumulate(strategy.client_update(self.state, cid, rnd))
+                self._client(cid, rnd)
             packed.view("stop")[0] = 1.0 if self.stop else 0.0
             # 4. one Allreduce: updates, metric sums and the stop flag together
             total = packed.allreduce()
             # 5. the same server step on every rank
-            update = Update(total["value"], total["weight"])
-            self.state = strategy.server_update(self.state, update, rnd)
+            update = self.robust.combine(Update(total["value"], total["weight"]))
+            failed = total["dropped_clients"][0] + total["rejected_updates"][0]
+            if failed < len(clients):  # a round in which every client failed keeps the model
+                self.state = strategy.server_update(self.state, update, rnd)
             # 6. evaluate, log, checkpoint
             done = rnd + 1
             stopping = total["stop"][0] > 0
             evaluate = done % job.eval_every == 0 or done == job.rounds
             test_acc, test_loss = self.evaluate() if evaluate else (float("nan"), float("nan"))
+            groups = self.evaluate_groups() if evaluate else {}
             accuracy = test_acc if evaluate else accuracy
             wall = time.perf_counter() - t0
             if self.rank == 0:
+                for name, values in groups.items():  # flushed with the row below
+                    self.log.append_group(name, rnd, values)
                 row = {
                     "round": rnd,
                     "test_accuracy": test_acc,
@@ -161,6 +184,9 @@ class Run:
                     "sim_time": wall,
                 }
                 row.update({m: total[m][0] for m in strategy.extra_metrics})
+                row["rejected_updates"] = int(total["rejected_updates"][0])
+                if self.faults.active:
+                    row.update({m: int(total[m][0]) for m in FAULT_METRICS})
                 row.update(strategy.server_metrics(self.state, rnd))
                 self.log.append(row, force=evaluate)
                 self._report(bar, row, evaluate)
@@ -176,8 +202,27 @@ class Run:
         stopped = self.stop.received or ("signal on another rank" if rnd + 1 < job.rounds else None)
         return RunResult(self.run_dir, rnd + 1, stopped, accuracy)
 
-    def _accumulate(self, update: Update) -> None:
+    def _client(self, cid: int, rnd: int) -> None:
+        """Train one client as its [faults] fate says, and add its update to the round's buffer."""
+        fate = self.faults.fate(rnd, cid)
+        if fate.dropped:  # never trains, sends nor receives: its per-client state stays as it was
+            self.packed.view("dropped_clients")[0] += 1
+            return
+        with local_work(fate.work):
+            update = self.strategy.client_update(self.state, cid, rnd)
+        self.packed.view("slow_clients")[0] += fate.slow
+        if fate.corrupt:
+            update.value = self.faults.corrupt(update.value, rnd, cid)
+        self._accumulate(update, cid)
+
+    def _accumulate(self, update: Update, cid: int) -> None:
         packed = self.packed
+        if not is_finite(update):  # injected or diverged, any algorithm: never reaches the sums
+            packed.view("rejected_updates")[0] += 1
+            for name in ("bytes_up", "bytes_down"):  # its bytes were sent all the same
+                packed.view(name)[0] += update.metrics.get(name, 0.0)
+            return
+        update = self.robust.admit(update, cid)
         np.add(packed.view("value"), update.value, out=packed.view("value"))
         weight = packed.view("weight")
         np.add(weight, update.weight, out=weight)

@@ -7,10 +7,29 @@ No DataLoader: at FL client sizes its worker and collation machinery costs more 
 
 from __future__ import annotations
 
+import contextvars
+import math
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 from hpcfed.config import TrainConfig
+
+# The share of its local steps the client being trained completes ([faults] slow_prob: a straggler).
+# The engine sets it around ``client_update``, so every algorithm's local training honours it
+# without each strategy passing it down.
+_WORK_SHARE = contextvars.ContextVar("local_work_share", default=1.0)
+
+
+@contextmanager
+def local_work(share: float):
+    """Within this block, :meth:`LocalSGD.train` stops after ``ceil(share * steps)`` steps (at least 1)."""
+    token = _WORK_SHARE.set(float(share))
+    try:
+        yield
+    finally:
+        _WORK_SHARE.reset(token)
 
 
 class LocalSGD:
@@ -30,7 +49,28 @@ class LocalSGD:
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def train(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[float, int]:
-        """Train in place for ``cfg.epochs`` epochs; return (mean training loss, number of steps)."""
+        """Train in place for ``cfg.epochs`` epochs; return (mean training loss, number of steps).
+
+        Inside :func:`local_work` (a straggler) only ``ceil(share * steps)`` of the steps run."""
+        limit = None
+        share = _WORK_SHARE.get()
+        if share < 1.0:
+            planned = self.cfg.epochs * math.ceil(x.shape[0] / self.cfg.batch_size)
+            limit = max(1, math.ceil(share * planned))
+        loss_sum, samples, steps = self._run(x, y, generator, epochs=self.cfg.epochs, max_steps=limit)
+        return loss_sum / max(samples, 1), steps
+
+    def train_steps(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, steps: int
+    ) -> tuple[float, int]:
+        """Train in place for exactly ``steps`` minibatch steps (HADFL's τ_i), passing through
+        fresh permutations of the data as often as needed; return (mean loss, samples seen)."""
+        loss_sum, samples, _ = self._run(x, y, generator, epochs=None, max_steps=steps)
+        return loss_sum / max(samples, 1), samples
+
+    def _run(self, x, y, generator, epochs: int | None, max_steps: int | None) -> tuple[float, int, int]:
+        """The one training loop: ``epochs`` passes (None: unbounded), stopping early after
+        ``max_steps`` batches (None: no limit); returns (loss sum, samples seen, steps)."""
         model, opt, cfg = self.model, self.opt, self.cfg
         opt.state.clear()
         # Dropout draws from torch's global generator: key it to this client too, so a client's
@@ -44,10 +84,12 @@ class LocalSGD:
         model.train()
         n = x.shape[0]
         total = torch.zeros((), device=x.device)
-        steps = 0
-        for _ in range(cfg.epochs):
+        done = samples = epoch = 0
+        while (epochs is None or epoch < epochs) and (max_steps is None or done < max_steps) and n > 0:
             order = torch.randperm(n, generator=generator).to(x.device)
             for start in range(0, n, cfg.batch_size):
+                if max_steps is not None and done == max_steps:
+                    break
                 idx = order[start : start + cfg.batch_size]
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -55,8 +97,10 @@ class LocalSGD:
                 opt.step()
                 # accumulate on the device: one host sync per client, not one per step
                 total += loss.detach() * idx.numel()
-                steps += 1
-        return float(total) / max(n * cfg.epochs, 1), steps
+                done += 1
+                samples += idx.numel()
+            epoch += 1
+        return float(total), samples, done
 
 
 @torch.inference_mode()

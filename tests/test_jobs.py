@@ -131,6 +131,8 @@ def small_overrides(raw: dict, folder: Path) -> list[str]:
     model = raw.get("model", {}).get("name", "mlp")
     if model in SMALL_MODELS:
         overrides.append(f"model.name={SMALL_MODELS[model]}")
+    if raw.get("algorithm") == "hadfl":  # steps per cycle, not epochs: 40 ResNet steps is no smoke run
+        overrides.append("hadfl.local_steps=2")
     if raw.get("device") == "cuda" and not torch.cuda.is_available():
         overrides.append("device=cpu")  # a GPU job still runs its CPU path here
     return overrides
@@ -201,13 +203,17 @@ def test_digits_job_reaches_target_accuracy(tmp_path):
 
 
 def _corrupt_pixels(path: Path, cid: str) -> None:
-    """Replace one client's pixels by strings of the same shape: the up-front scan (shapes and
-    labels only) accepts the file, and only the read of that client's data fails."""
+    """Bit rot in one client's (checksummed) pixels: the up-front scan (shapes, dtypes and labels
+    only) accepts the file, and only the read of that client's data fails."""
     with h5py.File(path, "r+") as f:
         grp = f["examples"][cid]
-        shape = grp["pixels"].shape
+        pixels = grp["pixels"][()]
         del grp["pixels"]
-        grp.create_dataset("pixels", data=np.full(shape, b"corrupt", dtype=object), dtype=h5py.string_dtype())
+        ds = grp.create_dataset("pixels", data=pixels, fletcher32=True, chunks=pixels.shape)
+        offset = ds.id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 100] ^= 0xFF
+    path.write_bytes(bytes(raw))
 
 
 def _truncate_labels(path: Path, cid: str) -> None:
@@ -272,7 +278,7 @@ def test_corrupt_client_ends_mpi_job_promptly(tmp_path, corruption):
         return
 
     # Mid-run: the failing rank reports the loader's error and MPI_Abort ends every rank.
-    assert "could not convert string to float" in proc.stderr, proc.stderr[-3000:]
+    assert "cannot read its data" in proc.stderr, proc.stderr[-3000:]
     _, metrics = read_metrics(out / job.name / "log.h5")
     assert 0 in metrics["round"].tolist() and 2 not in metrics["round"].tolist()
     # interface.md: a corrupt dataset is exit 2 with one line naming the file (and the client)

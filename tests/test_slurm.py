@@ -24,8 +24,9 @@ from .conftest import QUICKSTART, ROOT, VENV_BIN
 pytestmark = pytest.mark.slurm
 
 SBATCH = ROOT / "slurm" / "hpcfed.sbatch"
-ROUNDS = 8
-DEADLINE = 175.0  # seconds for the whole test
+ROUNDS = 60
+MAX_REQUEUES = 10  # HPCFED_MAX_REQUEUES: enough for this run, a bound if something goes wrong
+DEADLINE = 330.0  # seconds for the whole test: a few 1-minute jobs, each held a few seconds
 
 
 def _require_slurm() -> None:
@@ -75,7 +76,10 @@ def slurm_dir(tmp_path):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm_dir):
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_dir):
+    """The real thing: a 1-minute job with ``--signal=B:USR1@40 --requeue``. SLURM signals the batch
+    shell when at most 40 s are left (its timer ticks about every 30 s, so anywhere from the first
+    seconds on); the run checkpoints and the script requeues the job, as often as it takes."""
     _require_slurm()
     h5py = pytest.importorskip("h5py")
     deadline = time.monotonic() + DEADLINE
@@ -85,21 +89,24 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_dir):
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # this venv's python and mpirun
     env["HPCFED_PYTHON"] = sys.executable
+    env["HPCFED_MAX_REQUEUES"] = str(MAX_REQUEUES)
     env.pop("HPCFED_LAUNCHER", None)
-    # Rounds slow enough (about half a second each) to signal the job mid-run.
+    # More training than one 1-minute job holds (about a second a round on one busy core).
     overrides = [
         f"out={out_dir}",
         f"rounds={ROUNDS}",
-        "checkpoint_every=2",
-        "eval_every=2",
-        "train.epochs=40",
+        "checkpoint_every=5",
+        "eval_every=5",
+        "train.epochs=20",
     ]
     sub = subprocess.run(
         [
             "sbatch",
             "--parsable",
-            "--ntasks=2",
-            "--time=5",
+            "--ntasks=1",  # one rank: start-up is a large part of a 1-minute job on a busy machine
+            "--time=1",
+            "--signal=B:USR1@40",
+            "--requeue",
             "--job-name=hpcfed-pytest",
             f"--output={log}",
             f"--chdir={slurm_dir}",
@@ -114,52 +121,71 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_dir):
     )
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().split(";")[0]
+    released = 0
     try:
-        # Once round 2 is checkpointed every rank is inside the round loop (signal handlers set).
-        _wait_for(
-            "the first checkpoint",
-            lambda: (run_dir / "checkpoints" / "round_000002.h5").exists(),
-            deadline,
-            log,
-        )
-        # What --signal=B:USR1@120 does before the time limit: signal the batch shell only.
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=20)
-
-        def requeued():
-            info = _job(job_id)
-            return int(info.get("Restarts", "0")) >= 1 and info.get("JobState") in (
-                "PENDING",
-                "RUNNING",
-                "COMPLETED",
-            )
-
-        _wait_for("the requeue", requeued, deadline, log, interval=0.5)
-        # SLURM holds a requeued job for about two minutes (BeginTime); let it start sooner. Not in the
-        # same second as the requeue: slurmd would refuse the new credential as revoked.
-        subprocess.run(
-            ["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], capture_output=True, timeout=20
-        )
 
         def finished():
+            nonlocal released
             info = _job(job_id)
+            restarts = int(info.get("Restarts", "0"))
+            if info.get("JobState") == "PENDING" and restarts > released:
+                # SLURM holds a requeued job for about two minutes (BeginTime); let it start sooner,
+                # not in the same second as the requeue (slurmd would refuse the revoked credential)
+                time.sleep(1.0)
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"],
+                    capture_output=True,
+                    timeout=20,
+                )
+                released = restarts
             state = info.get("JobState", "")
-            if state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"):
+            if state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "REQUEUE_HOLD"):
                 return None
             return info or {"JobState": "(forgotten)"}
 
-        info = _wait_for("the requeued job to finish", finished, deadline, log, interval=1.0)
+        info = _wait_for("the run to finish over requeued jobs", finished, deadline, log, interval=1.0)
     finally:
         if _job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"):
             subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
 
     text = log.read_text()
+    print(f"slurm: {released} requeue(s), {time.monotonic() - deadline + DEADLINE:.0f} s")
     assert info["JobState"] in ("COMPLETED", "(forgotten)"), f"{info}\n{text}"
     if "ExitCode" in info:
         assert info["ExitCode"] == "0:0", text
-    assert "received SIGUSR1" in text and "requeueing job" in text, text
-    assert f"resume {run_dir}" in text, text  # the requeued job resumed the run folder
+    assert released >= 1 and "received SIGUSR1" in text and "requeueing job" in text, text
+    assert f"resume {run_dir}" in text, text  # a requeued job resumed the run folder
     with h5py.File(run_dir / "log.h5", "r") as f:
         rounds = f["metrics/round"][:].tolist()
     assert rounds == list(range(ROUNDS)), text
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("round_*.h5"))
     assert checkpoints[-1] == f"round_{ROUNDS:06d}.h5"
+
+
+@pytest.mark.parametrize("restarts", [2, 3])
+def test_requeues_are_capped_by_slurm_restart_count(tmp_path, restarts):
+    """A USR1 before the launch (HPCFED_STOP_PENDING, as sweep.sbatch passes an early signal on):
+    nothing runs, nothing is lost, and the job is requeued, unless SLURM_RESTART_COUNT has reached
+    HPCFED_MAX_REQUEUES. Runs without SLURM: no job id exists, so the requeue itself fails."""
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        HPCFED_PYTHON=sys.executable,
+        HPCFED_STOP_PENDING="USR1",
+        SLURM_JOB_ID="999999999",
+        SLURM_RESTART_COUNT=str(restarts),
+        HPCFED_MAX_REQUEUES="3",
+    )
+    proc = subprocess.run(
+        ["bash", str(SBATCH), str(QUICKSTART), f"out={tmp_path}"],
+        capture_output=True, text=True, env=env, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "stopped before the launch; nothing run" in proc.stderr
+    if restarts >= 3:
+        assert "already requeued 3 times (HPCFED_MAX_REQUEUES=3); not again" in proc.stderr
+        assert "requeueing" not in proc.stderr
+    else:
+        assert (
+            "requeueing anyway (3 of at most 3)" in proc.stderr and "requeueing job 999999999" in proc.stderr
+        )

@@ -20,6 +20,14 @@ def make_strategy(job, flat, data, device, comm) -> Strategy:
         from hpcfed.algorithms.resfed import ResFed
 
         return ResFed(job, flat, data, device, comm)
+    if job.algorithm == "hadfl":
+        from hpcfed.algorithms.hadfl import HADFL
+
+        return HADFL(job, flat, data, device, comm)
+    if job.algorithm == "superfed":
+        from hpcfed.algorithms.superfed import SuperFed
+
+        return SuperFed(job, flat, data, device, comm)
     raise ValueError(f"unknown algorithm {job.algorithm!r}")  # config validation catches this first
 
 

@@ -68,6 +68,20 @@ class Strategy:
         (e.g. ``epsilon``). Called on every rank after :meth:`server_update`."""
         return {}
 
+    # -- further evaluations, logged as groups of log.h5 (e.g. SuperFed's ``family/``) ----------
+    def log_groups(self) -> dict[str, dict]:
+        """``{group: attributes}`` of this algorithm's own groups in ``log.h5``."""
+        return {}
+
+    def eval_sums(self, state: dict[str, np.ndarray], x, y) -> np.ndarray:
+        """Sums over this rank's test shard ``(x, y)`` at an evaluation; the engine adds them over
+        ranks (in the evaluation's Allreduce) and hands the totals to :meth:`eval_rows`."""
+        return np.zeros(0)
+
+    def eval_rows(self, sums: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """``{group: {dataset: row}}`` of one evaluation, from the summed :meth:`eval_sums`."""
+        return {}
+
     # -- client side ---------------------------------------------------------------------------
     def client_update(self, state: dict[str, np.ndarray], client_id: int, round_index: int) -> Update:
         raise NotImplementedError

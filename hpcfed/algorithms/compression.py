@@ -19,7 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 from hpcfed.codecs import IdentityCodec, make_codec
-from hpcfed.config import CompressConfig
+from hpcfed.config import CompressConfig, UserError
+
+
+def require_plain_uplink(cfg: CompressConfig, algorithm: str, why: str) -> None:
+    """Sub-model algorithms (PriSM, SuperFed) send different slices every round, so neither a
+    per-client residual (error feedback) nor a compressed global step (downlink) has a meaning."""
+    if cfg.active and (cfg.error_feedback or cfg.direction != "up"):
+        raise UserError(f'{algorithm}: [compress] supports direction = "up" without error_feedback ({why})')
 
 
 class Compression:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
-from hpcfed.algorithms.compression import Compression
+from hpcfed.algorithms.compression import Compression, require_plain_uplink
 from hpcfed.codecs import IdentityCodec
 from hpcfed.config import UserError
 from hpcfed.models.factorized import (
@@ -93,11 +93,7 @@ class Prism(Strategy):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg, comp = self.job.prism, self.job.compress
-        if comp.active and (comp.error_feedback or comp.direction != "up"):
-            raise UserError(
-                'prism: [compress] supports direction = "up" without error_feedback '
-                "(each round's slices are different kernels)"
-            )
+        require_plain_uplink(comp, "prism", "each round's slices are different kernels")
         self.cfg = cfg
         names = [] if cfg.sampling == "channels" else decomposable(self.flat.module, cfg.layers)
         self.space = FactorSpace(self.flat, names)

@@ -4,9 +4,20 @@
 """
 
 from hpcfed.codecs.base import Codec, CodecError
-from hpcfed.codecs.compressed import QUANTIZERS, ChainCodec, CompressedCodec, QuantizeCodec, TopKCodec
 from hpcfed.codecs.feedback import ErrorFeedback
 from hpcfed.codecs.identity import IdentityCodec
+
+# The compressing codecs load on first use: they pull in the Numba kernels (numba and llvmlite,
+# ~110 MB of resident memory and about a second of start-up), which an uncompressed run never needs.
+_COMPRESSED = ("QUANTIZERS", "ChainCodec", "CompressedCodec", "QuantizeCodec", "TopKCodec")
+
+
+def __getattr__(name: str):
+    if name in _COMPRESSED:
+        from hpcfed.codecs import compressed
+
+        return getattr(compressed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_codec(
@@ -27,6 +38,8 @@ def make_codec(
     if sparsity == 0.0 and quantization == "none":
         codec = IdentityCodec()
     else:
+        from hpcfed.codecs.compressed import CompressedCodec
+
         codec = CompressedCodec(sparsity, quantization, bits, rounding=rounding, seed=seed, entropy=entropy)
     return ErrorFeedback(codec) if error_feedback else codec
 

@@ -185,6 +185,7 @@ def _h5(cfg: DataConfig, seed: int) -> FederatedDataset:
     test = h5.H5Clients(cfg.test_path, "data.test_path")
     h5.check_compatible(train, test)
     k = h5.num_classes(train, test)
+    train.label_limit = test.label_limit = k
     if not natural:  # pool every train client, then re-partition
         X, y = train.read_all()
         train.close()

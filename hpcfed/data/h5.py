@@ -67,6 +67,7 @@ class H5Clients:
         self.key_name = key_name  # "data.path" or "data.test_path", named in every error
         self._handle = None
         self._pid = -1
+        self.label_limit: int | None = None  # the job's class count, once known: labels are checked
         h5py = _h5py()
         if not Path(self.path).is_file():
             raise self._fail("no such file; expected an HDF5 file in the TFF layout")
@@ -114,6 +115,10 @@ class H5Clients:
             label, x = grp["label"], grp[key]
             if not (isinstance(label, h5py.Dataset) and isinstance(x, h5py.Dataset)):
                 raise self._fail(f"examples/{cid}/label and examples/{cid}/{key} must be datasets")
+            if x.dtype.kind not in "fiu":
+                raise self._fail(f"examples/{cid}/{key} has dtype {x.dtype}; expected float or integer data")
+            if label.dtype.kind not in "iu":
+                raise self._fail(f"examples/{cid}/label has dtype {label.dtype}; expected integer labels")
             if self.input_key is None:
                 self.input_key, self.sample_shape = key, tuple(x.shape[1:])
             elif (key, tuple(x.shape[1:])) != (self.input_key, self.sample_shape):
@@ -127,9 +132,15 @@ class H5Clients:
                     f"examples/{cid}: {key} has {x.shape[0]} samples and label has shape {label.shape}; "
                     "expected one label per sample"
                 )
+            if n == 0:
+                raise self._fail(f"examples/{cid} has no samples; expected at least one per client")
             sizes[i] = n
-            if self.num_classes_attr is None and n > 0:
-                max_label = max(max_label, int(np.max(label[()])))
+            if self.num_classes_attr is None:
+                values = label[()]
+                low, high = int(np.min(values)), int(np.max(values))
+                if low < 0:
+                    raise self._fail(f"examples/{cid}/label holds {low}; expected labels >= 0")
+                max_label = max(max_label, high)
         self.sizes = sizes
         self.max_label = max_label
 
@@ -144,7 +155,13 @@ class H5Clients:
         return self._handle
 
     def labels(self, i: int) -> np.ndarray:
-        return np.asarray(self._file()["examples"][self.ids[i]]["label"][()]).reshape(-1).astype(np.int64)
+        y = np.asarray(self._file()["examples"][self.ids[i]]["label"][()]).reshape(-1).astype(np.int64)
+        if self.label_limit is not None and y.size and (y.min() < 0 or y.max() >= self.label_limit):
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            # a label outside the model's classes would fail deep inside cross-entropy, or worse on GPU
+            expected = f"expected labels in [0, {self.label_limit})"
+            raise self._fail(f"examples/{self.ids[i]}/label holds {bad}; {expected}")
+        return y
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Client ``i`` (in sorted id order): reads only ``examples/<id>/``."""

@@ -56,7 +56,16 @@ def save_checkpoint(
     groups: dict[str, dict[str, np.ndarray]],
     keep: int,
 ) -> Path:
-    final = checkpoint_path(run_dir, round_done)
+    final = write_checkpoint(checkpoint_path(run_dir, round_done), round_done, attrs, model, groups)
+    _prune(final.parent, keep)
+    return final
+
+
+def write_checkpoint(
+    final: Path, round_done: int, attrs: dict, model: dict[str, np.ndarray], groups: dict[str, dict]
+) -> Path:
+    """One checkpoint file at ``final`` (also ``hpcfed export``'s standalone subnets), atomically."""
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
     with h5py.File(tmp, "w") as f:
@@ -72,7 +81,6 @@ def save_checkpoint(
         os.fsync(fh.fileno())
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    _prune(final.parent, keep)
     return final
 
 
@@ -116,6 +124,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise
     except (OSError, KeyError, ValueError) as exc:  # checksum mismatch, truncation, not HDF5
         raise UserError(f"{path}: unreadable checkpoint ({exc})") from None
+    # model/ holds tensors: numbers only. Strings, opaque bytes (say, a pickle someone stored) or
+    # references are never interpreted, and would otherwise fail later, far from this file.
+    for name, arr in model.items():
+        if arr.dtype.kind not in "biuf":
+            raise UserError(f"{path}: model/{name} has dtype {arr.dtype}; expected a numeric tensor")
     return Checkpoint(path=path, round=int(attrs["round"]), attrs=attrs, model=model, groups=groups)
 
 

@@ -32,7 +32,7 @@ COLUMNS = {
     "wall_time": np.float64,
     "sim_time": np.float64,
 }
-OPTIONAL_INT = {"rejected_updates", "dropped_clients"}  # further optional columns are float64
+OPTIONAL_INT = {"rejected_updates", "dropped_clients", "slow_clients"}  # further optional: float64
 
 
 def _dtype(name: str):
@@ -48,15 +48,25 @@ class MetricsLog:
         self.path = Path(path)
         self.flush_seconds = flush_seconds
         self.pending: list[dict] = []
+        self.pending_groups: list[tuple[str, dict]] = []  # (group, one evaluation's row)
         self.last_flush = time.monotonic()
 
-    def create(self, attrs: dict) -> None:
+    def create(self, attrs: dict, groups: dict[str, dict] | None = None) -> None:
+        """A fresh log; ``groups``: an algorithm's own groups and their attributes (e.g. SuperFed's
+        ``family/``), whose rows :meth:`append_group` adds per evaluation."""
         with h5py.File(self.path, "w") as f:
             for k, v in attrs.items():
                 f.attrs[k] = v
             g = f.create_group("metrics")
             for name, dtype in COLUMNS.items():
                 g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+            for name, group_attrs in (groups or {}).items():
+                f.create_group(name).attrs.update(group_attrs)
+
+    def append_group(self, group: str, round_index: int, values: dict[str, np.ndarray]) -> None:
+        """One evaluation's row of ``group``: a dataset ``round`` and one [rows × k] dataset per
+        value; written with the next flush of the metrics (the same round's row forces one)."""
+        self.pending_groups.append((group, {"round": round_index, **values}))
 
     def append(self, row: dict, force: bool = False) -> None:
         self.pending.append(row)
@@ -67,7 +77,7 @@ class MetricsLog:
         """Append the pending rows. If a reader holds the file locked, retry for ``wait`` seconds;
         with ``wait = 0`` keep the rows for the next append instead."""
         self.last_flush = time.monotonic()
-        if not self.pending:
+        if not self.pending and not self.pending_groups:
             return
         deadline = time.monotonic() + wait
         while True:
@@ -84,6 +94,7 @@ class MetricsLog:
                     break
                 time.sleep(0.05)
         self.pending = []
+        self.pending_groups = []
 
     def _write(self, rows: list[dict], locking: bool) -> None:
         with h5py.File(self.path, "a", locking=locking) as f:
@@ -99,31 +110,77 @@ class MetricsLog:
                 ds = g[name]
                 ds.resize((n_old + len(rows),))
                 ds[n_old:] = column
+            for group, row in self.pending_groups:
+                grp = f.require_group(group)
+                for name, value in row.items():
+                    arr = np.asarray(value, dtype=np.int64 if name == "round" else np.float64)
+                    if name not in grp:
+                        shape = (0, *arr.shape)
+                        grp.create_dataset(name, shape=shape, maxshape=(None, *arr.shape), dtype=arr.dtype)
+                    ds = grp[name]
+                    ds.resize(ds.shape[0] + 1, axis=0)
+                    ds[-1] = arr
 
     def truncate(self, rounds_done: int) -> None:
-        """Cut every column back to the rows of rounds < rounds_done (resume: each round once)."""
+        """Cut every column back to the rows of rounds < rounds_done (resume: each round once).
+
+        Raises ValueError if the log does not hold exactly rounds 0..rounds_done-1 by then (rows
+        lost to a killed writer, columns of unequal length): the caller rebuilds it instead."""
         with h5py.File(self.path, "a", locking=False) as f:
             g = f["metrics"]
-            keep = int(np.searchsorted(g["round"][()], rounds_done))
+            rounds = g["round"][()]
+            keep = int(np.searchsorted(rounds, rounds_done))
+            if not np.array_equal(rounds[:keep], np.arange(rounds_done)):
+                raise ValueError(f"{self.path}: holds {keep} rows before round {rounds_done}, not rounds 0..")
+            if any(g[name].shape[0] < keep for name in g):
+                raise ValueError(f"{self.path}: columns of unequal length")
             for name in g:
                 g[name].resize((keep,))
+            for grp in _row_groups(f):  # e.g. family/: rows of evaluations, each with its round
+                cut = int(np.searchsorted(grp["round"][()], rounds_done))
+                for name in grp:
+                    grp[name].resize(cut, axis=0)
 
     def history(self) -> dict[str, np.ndarray]:
-        """All rows, written and pending, as columns (stored in checkpoints to rebuild the log)."""
+        """All rows, written and pending, as columns (stored in checkpoints to rebuild the log).
+        Rows of an algorithm's group come as ``"{group}.{dataset}"`` (e.g. ``family.accuracy``)."""
         with h5py.File(self.path, "r", locking=False) as f:
             cols = {name: f["metrics"][name][()] for name in f["metrics"]}
-        for name in set(cols) | {k for r in self.pending for k in r}:
-            base = cols.get(name, np.full(len(next(iter(cols.values()))), _fill(name), _dtype(name)))
+            for grp in _row_groups(f):
+                group = grp.name.lstrip("/")
+                cols.update({f"{group}.{name}": grp[name][()] for name in grp})
+        metric_names = [k for k in cols if "." not in k]
+        for name in set(metric_names) | {k for r in self.pending for k in r}:
+            base = cols.get(name, np.full(len(cols[metric_names[0]]), _fill(name), _dtype(name)))
             extra = np.array([r.get(name, _fill(name)) for r in self.pending], dtype=_dtype(name))
             cols[name] = np.concatenate([base, extra])
+        for group, row in self.pending_groups:
+            for name, value in row.items():
+                key, arr = f"{group}.{name}", np.asarray(value)[None]
+                cols[key] = np.concatenate([cols[key], arr.astype(cols[key].dtype)]) if key in cols else arr
         return cols
 
-    def rebuild(self, attrs: dict, history: dict[str, np.ndarray]) -> None:
+    def rebuild(self, attrs: dict, history: dict[str, np.ndarray], groups: dict | None = None) -> None:
         """Write a fresh log from a checkpoint's history (the old one was unreadable)."""
-        self.create(attrs)
-        rows = [dict(zip(history, vals)) for vals in zip(*history.values())]
-        self.pending = rows
+        self.create(attrs, groups)
+        columns = {k: v for k, v in history.items() if "." not in k}
+        self.pending = [dict(zip(columns, vals)) for vals in zip(*columns.values())]
+        by_group: dict[str, dict[str, np.ndarray]] = {}
+        for key, arr in history.items():
+            if "." in key:
+                group, name = key.split(".", 1)
+                by_group.setdefault(group, {})[name] = arr
+        self.pending_groups = [
+            (group, {name: arr[i] for name, arr in data.items()})
+            for group, data in by_group.items()
+            for i in range(len(data["round"]))
+        ]
         self.flush()
+
+
+def _row_groups(f: h5py.File) -> list[h5py.Group]:
+    """The groups beside ``metrics/`` that hold per-evaluation rows (a ``round`` dataset)."""
+    return [f[k] for k in f if k != "metrics" and isinstance(f[k], h5py.Group) and "round" in f[k]]
 
 
 def read_metrics(path: Path) -> tuple[dict, dict[str, np.ndarray]]:

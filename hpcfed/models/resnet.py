@@ -60,11 +60,15 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int, norm: str) -> None:
+    """conv1 (``in → mid``) and conv2 (``mid → channels``); ``mid`` defaults to ``channels``
+    (SuperFed's elastic ResNet narrows it: the block's expand ratio, see ``elastic.py``)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: str, mid: int | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = norm_layer(norm, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=False)
+        mid = channels if mid is None else mid
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = norm_layer(norm, mid)
+        self.conv2 = nn.Conv2d(mid, channels, 3, stride=1, padding=1, bias=False)
         self.norm2 = norm_layer(norm, channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != channels:
@@ -86,6 +90,7 @@ class ResNet(nn.Module):
         blocks: tuple[int, ...],
         channels: tuple[int, ...],
         norm: str,
+        mids: list[list[int]] | None = None,  # per stage, per block: conv1's output channels
     ) -> None:
         super().__init__()
         self.image_shape = image_shape  # flat inputs (digits) are viewed as this
@@ -96,7 +101,8 @@ class ResNet(nn.Module):
             stride = 1 if stage == 1 else 2
             layer = []
             for i in range(n):
-                layer.append(BasicBlock(in_channels, width, stride if i == 0 else 1, norm))
+                mid = None if mids is None else mids[stage - 1][i]
+                layer.append(BasicBlock(in_channels, width, stride if i == 0 else 1, norm, mid))
                 in_channels = width
             self.add_module(f"layer{stage}", nn.Sequential(*layer))
         self.num_stages = len(blocks)
@@ -112,12 +118,18 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-def build_resnet(name: str, input_shape: tuple[int, ...], num_classes: int, norm: str) -> ResNet:
+def image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The (C, H, W) a ResNet named ``name`` sees, or a UserError for inputs it cannot take."""
     shape = as_image(input_shape)
     if len(shape) != 3 or shape[0] < 1 or shape[1] < 8 or shape[2] < 8:
         raise UserError(
             f"model.name = {name!r} expects an image input shape (C, H, W) with H, W >= 8 "
             f"(e.g. (3, 32, 32)) or (64,) (8x8 digits); got {input_shape}"
         )
+    return shape
+
+
+def build_resnet(name: str, input_shape: tuple[int, ...], num_classes: int, norm: str) -> ResNet:
+    shape = image_shape(name, input_shape)
     blocks, channels = ARCHITECTURES[name]
     return ResNet(shape, num_classes, blocks, channels, norm)

@@ -1,0 +1,219 @@
+"""SuperFed: a weight-shared family of models trained at the cost of one (Khare et al.,
+"SuperFedNAS: Cost-Efficient Federated Neural Architecture Search for On-Device Inference",
+arXiv 2301.10879; the authors' "MaxNet" training with tracking-sandwich assignment).
+
+The server holds one supernet (``model.name = "elastic_mlp" | "elastic_resnet"``, see
+:mod:`hpcfed.models.elastic`). Each round, of the K sampled clients:
+
+1. the one that has held the largest subnet least often gets the largest subnet; of the rest,
+   the one that has held the smallest least often gets the smallest ("tracking sandwich"; ties:
+   the lowest client id); every other client gets a random subnet (one uniform draw per elastic
+   choice, generator of (seed, round, client)). The per-client counters ``largest``/``smallest``
+   live in the replicated server state, so every rank assigns alike and checkpoints keep them;
+2. a client receives only its subnet's slices of the supernet (a prefix of every tensor), trains
+   that small model and sends its change back through the ``[compress]`` uplink codec;
+3. weights: the largest-subnet client ``β_t``, every other ``(1 − β_t)/(K − 1)``, with
+   ``β_t = β0·[(1 − a)·½(1 + cos(π·min(t, T)/T)) + a]``, ``a = β_end/β0``, ``T = decay_fraction ×
+   rounds`` (MaxNet: the largest subnet dominates early, then the family shares evenly);
+4. each supernet element becomes the weighted average over the clients whose subnet covers it;
+   elements nobody covered keep their value. Clients add ``w·θ_c`` and ``w`` at their subnet's
+   positions (per-element weights) and the round's one Allreduce sums them.
+
+Every ``eval_every`` rounds the family (``[superfed] eval_subnets``; default smallest, two middle,
+largest) is evaluated into ``family/`` of ``log.h5``; ``test_accuracy`` is the largest subnet's.
+
+Where we differ from the paper and the authors' code (gatech-sysml/superfednas):
+
+* Transport: SPMD with a replicated server and one Allreduce per round, not a message bus of
+  pickled sends polled by threads; subnets are real small models, not masked supernets.
+* Weights are exactly the MaxNet β split above; client sample counts do not enter them.
+* Bytes are the encoded messages: downlink = the slices (float32) plus the spec as JSON text
+  (what the client needs to build its model); uplink = the encoded change of the slices.
+* ``T`` follows ``rounds``: extending a run on resume stretches the schedule from then on.
+* Models: hpcfed's MLP and BasicBlock ResNet made elastic (no BatchNorm), not OFA's networks.
+
+Logged per round: ``sub_params`` and ``sub_macs`` (means over the cohort; MACs of one forward pass
+of one sample) and ``train_macs``, the round's training compute, counted as 3 × forward MACs per
+sample and epoch (forward, plus a backward pass of about twice the forward's cost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from hpcfed.algorithms.base import Strategy, Update, weighted_mean
+from hpcfed.algorithms.compression import Compression, require_plain_uplink
+from hpcfed.codecs import IdentityCodec
+from hpcfed.models.elastic import Subnet, elastic_space, make_subnet, spec_text
+from hpcfed.rng import cohort, numpy_generator, torch_generator
+from hpcfed.train import LocalSGD, evaluate_sums
+
+CACHE = 64  # built client subnets kept per rank (an ResNet space has far more specs than this)
+
+
+def maxnet_beta(t: int, rounds: int, beta0: float, beta_end: float, decay_fraction: float) -> float:
+    """The largest subnet's weight in round ``t``: cosine from β0 at t = 0 to β_end at t ≥ T."""
+    T = max(1, round(decay_fraction * rounds))
+    a = beta_end / beta0
+    return beta0 * ((1 - a) * 0.5 * (1 + math.cos(math.pi * min(t, T) / T)) + a)
+
+
+def sandwich(clients: np.ndarray, largest: np.ndarray, smallest: np.ndarray) -> tuple[int, int | None]:
+    """(the client that gets the largest subnet, the one that gets the smallest or None): the
+    fewest times so far; ``clients`` sorted, so ties go to the lowest id (argmin's first)."""
+    clients = np.asarray(clients)
+    big = int(clients[np.argmin(largest[clients])])
+    rest = clients[clients != big]
+    return big, (int(rest[np.argmin(smallest[rest])]) if rest.size else None)
+
+
+def contribution(size: int, index: np.ndarray, theta: np.ndarray, w: float) -> Update:
+    """One client's additive part of the round: ``w·θ`` and ``w`` at its subnet's positions."""
+    value, weight = np.zeros(size), np.zeros(size)
+    value[index] = w * np.asarray(theta, dtype=np.float64)
+    weight[index] = w
+    return Update(value=value, weight=weight)
+
+
+class SuperFed(Strategy):
+    name = "superfed"
+    per_element_weights = True
+    extra_metrics = ("sub_params", "sub_macs", "train_macs")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg = self.job.superfed
+        require_plain_uplink(self.job.compress, "superfed", "each client's slices are its own subnet")
+        self.space = elastic_space(self.job.model, cfg)
+        self.input_shape, self.classes = tuple(self.data.input_shape), self.data.num_classes
+        self.beta_end = cfg.beta_end if cfg.beta_end is not None else 1.0 / self.job.clients_per_round
+        given = cfg.eval_subnets
+        self.eval_specs = (
+            [self.space.resolve(v, f"superfed.eval_subnets[{i}]") for i, v in enumerate(given)]
+            if given
+            else self.space.ladder(4)
+        )
+        self.codec = IdentityCodec()
+        self.compression = Compression(self.job.compress, self.job.seed, self.data.num_clients)
+        self._subnets: OrderedDict[str, tuple[Subnet, LocalSGD]] = OrderedDict()
+        self._eval: list[Subnet] = []
+        self._plan_round: int | None = None
+        self._plan: dict[int, tuple[dict, float]] = {}
+        self._roles: tuple[int, int | None] = (-1, None)
+
+    # -- replicated server side ----------------------------------------------------------------
+    def init_state(self):
+        state = super().init_state()
+        n = self.data.num_clients
+        state["largest"] = np.zeros(n, dtype=np.int64)  # rounds each client held the largest subnet
+        state["smallest"] = np.zeros(n, dtype=np.int64)
+        return state
+
+    def beta(self, round_index: int) -> float:
+        cfg = self.cfg
+        return maxnet_beta(round_index, self.job.rounds, cfg.beta0, self.beta_end, cfg.decay_fraction)
+
+    def plan(self, state, round_index: int) -> None:
+        """Every cohort member's (subnet spec, aggregation weight) this round; the same on every rank."""
+        clients = cohort(self.job.seed, round_index, self.data.num_clients, self.job.clients_per_round)
+        big, small = sandwich(clients, state["largest"], state["smallest"])
+        beta = self.beta(round_index) if len(clients) > 1 else 1.0
+        other = (1.0 - beta) / max(len(clients) - 1, 1)
+        plan = {}
+        for c in clients.tolist():
+            if c == big:
+                plan[c] = (self.space.largest(), beta)
+            elif c == small:
+                plan[c] = (self.space.smallest(), other)
+            else:
+                rng = numpy_generator(self.job.seed, "superfed-subnet", round_index, c)
+                plan[c] = (self.space.sample(rng), other)
+        self._plan, self._roles, self._plan_round = plan, (big, small), round_index
+
+    def begin_round(self, state, round_index):
+        self.plan(state, round_index)
+
+    def server_update(self, state, total: Update, round_index):
+        if self._plan_round != round_index:
+            self.plan(state, round_index)
+        big, small = self._roles
+        state["largest"] = state["largest"].copy()
+        state["largest"][big] += 1
+        if small is not None:
+            state["smallest"] = state["smallest"].copy()
+            state["smallest"][small] += 1
+        state["model"] = weighted_mean(total, state["model"]).astype(np.float32)
+        return state
+
+    # -- per client ------------------------------------------------------------------------------
+    def subnet(self, spec: dict) -> tuple[Subnet, LocalSGD]:
+        key = spec_text(spec)
+        if key in self._subnets:
+            self._subnets.move_to_end(key)
+        else:
+            sub = make_subnet(self.space, spec, self.flat, self.input_shape, self.classes)
+            self._subnets[key] = (sub, LocalSGD(sub.module, self.job.train))
+            if len(self._subnets) > CACHE:
+                self._subnets.popitem(last=False)
+        return self._subnets[key]
+
+    def client_update(self, state, client_id, round_index) -> Update:
+        if self._plan_round != round_index:
+            self.plan(state, round_index)
+        spec, w = self._plan[client_id]
+        sub, trainer = self.subnet(spec)
+        # downlink: the subnet's slices, and its spec so the client can build the model
+        down, _ = self.codec.encode(state["model"][sub.index], {})
+        received, _ = self.codec.decode(down, {})
+        sub.flat.set(received)
+        x, y = self.data.client(client_id)
+        x, y = x.to(self.device), y.to(self.device)
+        loss, _ = trainer.train(x, y, torch_generator(self.job.seed, "train", round_index, client_id))
+        # uplink: the change of the slices through the job's codec; the server adds the decoded bytes
+        up, decoded = self.compression.send_up(client_id, round_index, sub.flat.get() - received)
+        update = contribution(self.flat.size, sub.index, received.astype(np.float64) + decoded, w)
+        n, k = float(y.shape[0]), float(self.job.clients_per_round)
+        update.metrics = {
+            "loss_sum": loss * n,
+            "samples": n,
+            "bytes_up": len(up),
+            "bytes_down": len(down) + len(spec_text(spec).encode()),
+            "sub_params": sub.params / k,
+            "sub_macs": sub.macs / k,
+            "train_macs": 3.0 * sub.macs * n * self.job.train.epochs,
+        }
+        return update
+
+    # -- the family in log.h5 -------------------------------------------------------------------
+    def eval_subnets(self) -> list[Subnet]:
+        if not self._eval:
+            self._eval = [
+                make_subnet(self.space, s, self.flat, self.input_shape, self.classes) for s in self.eval_specs
+            ]
+        return self._eval
+
+    def log_groups(self) -> dict[str, dict]:
+        shape, classes = self.input_shape, self.classes
+        return {
+            "family": {
+                "subnets": json.dumps(self.eval_specs),
+                "macs": np.array([self.space.macs(s, shape, classes) for s in self.eval_specs], np.int64),
+                "params": np.array([self.space.params(s, shape, classes) for s in self.eval_specs], np.int64),
+            }
+        }
+
+    def eval_sums(self, state, x, y) -> np.ndarray:
+        sums = []
+        for sub in self.eval_subnets():
+            sub.flat.set(state["model"][sub.index])
+            sums.extend(evaluate_sums(sub.module, x, y))
+        return np.array(sums, dtype=np.float64)
+
+    def eval_rows(self, sums: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        s = sums.reshape(-1, 3)  # (correct, loss sum, count) per subnet
+        count = np.maximum(s[:, 2], 1.0)
+        return {"family": {"accuracy": s[:, 0] / count, "loss": s[:, 1] / count}}

@@ -1,0 +1,237 @@
+"""HADFL (docs/hadfl.md): the pure maths, the three schedules in one process, config errors.
+
+The MPI side (pairings identical on every rank, 1/2/3 ranks, resume) is tests/test_mpi_hadfl.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from hpcfed.algorithms.hadfl import (
+    cycle_time,
+    inclusion_probabilities,
+    local_steps,
+    pair_average,
+    pairing,
+    select,
+    selection_probabilities,
+)
+from hpcfed.checkpoint import list_checkpoints, load_checkpoint, load_state_dict
+from hpcfed.cli import main
+from hpcfed.config import load_job
+from hpcfed.io.metrics import read_metrics
+from hpcfed.models import build_model
+from hpcfed.rng import numpy_generator, torch_generator
+
+from .conftest import ROOT, run_in_process
+
+JOB = ROOT / "jobs" / "hadfl_digits.toml"
+SPEEDS = np.array([1, 1, 1, 1, 2, 2, 4, 8], dtype=np.float64)
+
+
+def small(tmp_path, *overrides, name="h"):
+    return load_job(
+        JOB, [f"out={tmp_path}", f"name={name}", "rounds=4", "eval_every=2", "checkpoint_every=2", *overrides]
+    )
+
+
+# --------------------------------------------------------------------------- the maths
+
+
+def test_local_steps_proportional_to_speed():
+    tau = local_steps(SPEEDS, 16)
+    assert tau.tolist() == [2, 2, 2, 2, 4, 4, 8, 16]
+    np.testing.assert_allclose(tau / SPEEDS, 2.0)  # every device fills the same cycle
+    # rounding (halves up) and the floor of one step for a very slow device
+    assert local_steps(np.array([0.01, 3.0, 5.0, 10.0]), 10).tolist() == [1, 3, 5, 10]
+    assert local_steps(np.array([1.0, 4.0]), 2).tolist() == [1, 2]  # 0.5 rounds up
+    assert cycle_time("hadfl", SPEEDS, 16) == 2.0
+    assert cycle_time("dfedavg", SPEEDS, 16) == cycle_time("sync", SPEEDS, 16) == 16.0
+    assert cycle_time("hadfl", np.array([0.1, 10.0]), 10) == 10.0  # the floor: 1 step at 0.1/s
+
+
+def test_selection_probabilities():
+    p = selection_probabilities(np.array([2, 2, 4]), np.array([0, 3, 1]))
+    np.testing.assert_allclose(p, np.array([2, 8, 8]) / 18)
+    # capped at 1; the excess goes to the others in proportion
+    pi = inclusion_probabilities(np.array([0.7, 0.1, 0.1, 0.1]), 2, np.zeros(4, bool))
+    np.testing.assert_allclose(pi, [1.0, 1 / 3, 1 / 3, 1 / 3])
+    pi = inclusion_probabilities(np.array([0.1, 0.3, 0.3, 0.3]), 2, np.array([True, False, False, False]))
+    np.testing.assert_allclose(pi, [1.0, 1 / 3, 1 / 3, 1 / 3])
+
+
+def _inclusion_counts(draw, draws: int, n: int) -> np.ndarray:
+    counts = np.zeros(n)
+    for i in range(draws):
+        np.add.at(counts, draw(numpy_generator(7, "chi2", i)), 1)
+    return counts
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_selection_frequencies_match_p_chi2(fraction):
+    """Over 10^4 cycles device i is picked with frequency π_i = k·p_i (p_i ∝ τ_i(1+s_i)), capped
+    at 1. The χ² test also has the power to reject the obvious alternative, numpy's weighted
+    choice without replacement, whose inclusion frequencies are not proportional to p."""
+    tau = local_steps(SPEEDS, 16)
+    staleness = np.array([0, 1, 2, 0, 1, 0, 0, 0])
+    p = selection_probabilities(tau, staleness)
+    k = int(fraction * 8)
+    pi = inclusion_probabilities(p, k, np.zeros(8, bool))
+    if fraction == 0.25:
+        np.testing.assert_allclose(pi, k * p)  # no cap reached: inclusion ∝ p exactly
+    else:
+        assert pi[7] == 1.0 and k * p[7] > 1  # the fast device is capped; the rest stay ∝ p
+        np.testing.assert_allclose(pi[:7] / p[:7], pi[0] / p[0])
+    draws = 10_000
+    counts = _inclusion_counts(lambda g: select(g, tau, staleness, fraction, 99), draws, 8)
+    assert counts.sum() == draws * k
+    _, pvalue = stats.chisquare(counts, draws * pi)
+    assert pvalue > 1e-3, (counts, draws * pi)
+    naive = _inclusion_counts(lambda g: g.choice(8, size=k, replace=False, p=p), draws, 8)
+    assert stats.chisquare(naive, draws * pi)[1] < 1e-3
+
+
+def test_forced_selection_past_max_staleness():
+    tau = local_steps(SPEEDS, 16)
+    staleness = np.array([5, 0, 0, 0, 0, 0, 0, 0])  # device 0: slow, overdue
+    for i in range(200):
+        chosen = select(numpy_generator(1, "t", i), tau, staleness, 0.25, 4)
+        assert 0 in chosen and len(chosen) == 2
+    # more devices overdue than k: all of them, and nobody else
+    staleness = np.array([4, 9, 0, 6, 0, 0, 0, 0])
+    assert select(numpy_generator(1, "t", 0), tau, staleness, 0.25, 4).tolist() == [0, 1, 3]
+    # below the bound nothing is forced: device 0 (lowest p) is left out most of the time
+    staleness = np.array([3, 0, 0, 0, 0, 0, 0, 0])
+    picked = sum(0 in select(numpy_generator(1, "u", i), tau, staleness, 0.25, 4) for i in range(200))
+    assert picked < 100
+
+
+def test_pairing_is_a_partition_of_the_selected():
+    selected = np.array([0, 2, 3, 5, 6, 7])
+    pairs = pairing(numpy_generator(3, "hadfl", 0), selected)
+    assert sorted(d for pair in pairs for d in pair) == selected.tolist()
+    assert all(a < b for a, b in pairs)
+    assert pairs == pairing(numpy_generator(3, "hadfl", 0), selected)  # same key, same pairs
+    assert len(pairing(numpy_generator(3, "hadfl", 0), np.array([1, 4, 6]))) == 1  # odd one waits
+
+
+def test_pair_average_equals_numpy_weighted_mean():
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal(1000).astype(np.float32), g.standard_normal(1000).astype(np.float32)
+    weights = [180.0 * 2, 220.0 * 16]  # data x steps
+    got = pair_average([a, b], weights)
+    want = np.average(np.stack([a, b]).astype(np.float64), axis=0, weights=weights)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-7)
+    np.testing.assert_array_equal(pair_average([a, a], weights), a)
+
+
+# --------------------------------------------------------------------------- runs in one process
+
+
+def test_hadfl_run_bytes_clock_checkpoint(tmp_path):
+    job = small(tmp_path, "rounds=6", "checkpoint_every=3", "hadfl.max_staleness=2")
+    run = run_in_process(job)
+    _, m = read_metrics(job.run_dir / "log.h5")
+    p = run.flat.size
+    assert m["round"].tolist() == list(range(6))
+    np.testing.assert_allclose(m["sim_time"], 2.0 * np.arange(1, 7))  # 16 steps at speed 8
+    assert (m["bytes_up"] == 4 * 4 * p).all()  # 4 devices pair up, each sends its float32 model
+    assert (m["bytes_down"] == 0).all()
+    assert run.state["staleness"].max() <= 2 + 1
+    # the checkpoint: model/ is the data-weighted average of the device models in clients/
+    ckpt = load_checkpoint(list_checkpoints(job.run_dir)[0])
+    devices = np.stack([ckpt.groups["clients"][f"device.{d}"] for d in range(8)]).astype(np.float64)
+    sizes = run.data.client_sizes.astype(np.float64)
+    average = (sizes @ devices / sizes.sum()).astype(np.float32)
+    np.testing.assert_allclose(run.state["model"], average, rtol=1e-6, atol=1e-7)
+    model = build_model(job.model, run.data.input_shape, run.data.num_classes)
+    model.load_state_dict(load_state_dict(ckpt.path), strict=True)
+    assert ckpt.groups["server"]["sim_time"][0] == 12.0
+    assert not all(np.array_equal(devices[0], devices[d]) for d in range(1, 8))  # gossip, no consensus
+
+
+def test_dfedavg_and_sync(tmp_path):
+    for schedule in ("dfedavg", "sync"):
+        job = small(tmp_path, f"hadfl.schedule={schedule}", "rounds=2", "hadfl.local_steps=3", name=schedule)
+        run = run_in_process(job)
+        models = list(run.strategy.models.values())
+        assert all(np.array_equal(models[0], x) for x in models)  # full averages: consensus
+        _, m = read_metrics(job.run_dir / "log.h5")
+        np.testing.assert_allclose(m["sim_time"], [3.0, 6.0])  # 3 steps at the slowest pace, 1/s
+        ring = 2 * 7 * 4 * run.flat.size
+        assert (m["bytes_up"] == (ring if schedule == "dfedavg" else 3 * ring)).all()
+
+
+def test_sync_step_equals_averaged_gradient_step(tmp_path):
+    """One sync step = one SGD step on the data-weighted mean of the devices' minibatch gradients."""
+    job = small(tmp_path, "hadfl.schedule=sync", "rounds=1", "hadfl.local_steps=1", "train.weight_decay=0.01")
+    run = run_in_process(job)
+    torch.manual_seed(job.seed)
+    ref = build_model(job.model, run.data.input_shape, run.data.num_classes)
+    grads = [torch.zeros_like(q) for q in ref.parameters()]
+    sizes = run.data.client_sizes.astype(np.float64)
+    for d in range(8):
+        x, y = run.data.client(d)
+        order = torch.randperm(len(y), generator=torch_generator(job.seed, "train", 0, d, 0))
+        idx = order[: job.train.batch_size]
+        ref.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+        for g, q in zip(grads, ref.parameters()):
+            g += float(sizes[d] / sizes.sum()) * q.grad
+    with torch.no_grad():
+        for g, q in zip(grads, ref.parameters()):
+            q -= job.train.lr * (g + job.train.weight_decay * q)
+    want = torch.cat([q.detach().flatten() for q in ref.parameters()]).numpy()
+    np.testing.assert_allclose(run.state["model"], want, atol=2e-6)
+
+
+def test_measured_speeds_are_kept_in_the_checkpoint(tmp_path):
+    job = small(tmp_path, 'hadfl.speeds="measured"', "rounds=2")
+    run = run_in_process(job)
+    speeds = run.state["speeds"]
+    assert speeds.shape == (8,) and (speeds > 0).all()
+    ckpt = load_checkpoint(list_checkpoints(job.run_dir)[0])
+    np.testing.assert_array_equal(ckpt.groups["server"]["speeds"], speeds)
+    resumed = run_in_process(job.model_copy(update={"rounds": 3}), resume=True)
+    np.testing.assert_array_equal(resumed.state["speeds"], speeds)  # not re-measured
+
+
+def test_plot_draws_accuracy_against_sim_time(tmp_path):
+    from hpcfed.io.plots import plot_runs
+
+    from .test_plots import assert_png, png_width
+
+    a = run_in_process(small(tmp_path, name="a")).run_dir
+    b = run_in_process(small(tmp_path, "hadfl.schedule=dfedavg", name="b")).run_dir
+    png = assert_png(plot_runs([a, b], tmp_path / "p.png"))
+    assert png_width(png) == round(3 * 4.8 * 120)  # round, bytes and sim_time panels
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ('hadfl.speeds="lognormal:x"', ["hadfl.speeds", "lognormal:SIGMA"]),
+        ("hadfl.speeds=[]", ["hadfl.speeds", "non-empty"]),
+        ("hadfl.speeds=[1, -2]", ["hadfl.speeds", "positive"]),
+        ('hadfl.speeds="fast"', ["hadfl.speeds"]),
+        ("hadfl.schedule=ring", ["hadfl.schedule"]),
+        ("hadfl.select_fraction=0", ["hadfl.select_fraction"]),
+        ("hadfl.local_steps=0", ["hadfl.local_steps"]),
+        (["hadfl.schedule=sync", "train.momentum=0.9"], ["hadfl.schedule 'sync'", "train.momentum"]),
+        ("data.num_clients=1", ["data.num_clients", "at least 2"]),
+        ("compress.sparsity=0.9", ["[compress]", "hadfl"]),
+    ],
+)
+def test_config_errors_exit_2_one_line(tmp_path, capsys, override, needles):
+    overrides = override if isinstance(override, list) else [override]
+    code = main(["run", str(JOB), f"out={tmp_path}", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("hpcfed: error:"), err
+    assert all(n in err[0] for n in needles), err[0]
