@@ -156,8 +156,9 @@ def test_a_round_where_everyone_failed_keeps_the_model(tmp_path, overrides):
 
 def test_a_diverging_client_is_rejected_without_any_injected_fault(tmp_path):
     """The check protects every algorithm: a real NaN (SGD diverging at an absurd learning rate)."""
-    for algorithm in (["algorithm=fedavg"], ["algorithm=prism", "model.name=cnn"]):
-        name = algorithm[0].split("=")[1]
+    compressed = ["algorithm=fedavg", "compress.sparsity=0.9", "compress.error_feedback=true", "name=ef"]
+    for algorithm in (["algorithm=fedavg"], ["algorithm=prism", "model.name=cnn"], compressed):
+        name = algorithm[-1].split("=")[1]
         job = _job(tmp_path, name, [*algorithm, "train.lr=1e30"], rounds=2)
         initial = Run(job, world(), tmp_path / "unused", progress=False).state["model"].copy()
         run = run_in_process(job)

@@ -52,6 +52,12 @@ class Compression:
     # -- uplink ----------------------------------------------------------------------------------
     def send_up(self, client_id: int, round_index: int, x: np.ndarray) -> tuple[bytes, np.ndarray]:
         """(the client's bytes, what the server decodes from them)."""
+        if self.up_on and not np.isfinite(x).all():
+            # a diverged client: the codecs refuse non-finite input, and the engine rejects this
+            # update before aggregation anyway (counted in rejected_updates); its error-feedback
+            # memory is left as it was rather than poisoned
+            data, _ = self.identity.encode(x.astype(np.float32), {})
+            return data, x
         state = dict(self.client_states.get(client_id, {}))
         state["step"] = round_index * self.num_clients + client_id
         data, state = self.up.encode(x, state)
