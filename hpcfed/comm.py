@@ -64,6 +64,35 @@ class PackedAllreduce:
         return {name: self.buffer[s] for name, s in self.slices.items()}
 
 
+_STREAM_TAG = 0x4843  # "HC": named arrays streamed to one rank (checkpoints)
+
+
+def send_arrays(comm, items, dest: int) -> None:
+    """Send ``(name, array)`` pairs to ``dest`` one at a time: a small pickled header (name, dtype,
+    shape), then the array with the upper-case buffer call; ``None`` ends the stream. The sender
+    never materialises more than one array (``items`` may be a generator reading from disk)."""
+    for name, arr in items:
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:  # (not np.ascontiguousarray: it turns 0-d arrays into 1-d)
+            arr = arr.copy(order="C")
+        comm.send((name, arr.dtype.str, arr.shape), dest=dest, tag=_STREAM_TAG)
+        comm.Send(arr, dest=dest, tag=_STREAM_TAG + 1)
+    comm.send(None, dest=dest, tag=_STREAM_TAG)
+
+
+def recv_arrays(comm, source: int):
+    """The receiving end of :func:`send_arrays`: a generator of ``(name, array)``, lazy, so the
+    receiver can write each array out before the next arrives."""
+    while True:
+        header = comm.recv(source=source, tag=_STREAM_TAG)
+        if header is None:
+            return
+        name, dtype, shape = header
+        arr = np.empty(shape, dtype=np.dtype(dtype))
+        comm.Recv(arr, source=source, tag=_STREAM_TAG + 1)
+        yield name, arr
+
+
 def allreduce_sum(comm, values: np.ndarray) -> np.ndarray:
     """Sum a small float64 array over ranks (evaluation counts); a copy is returned."""
     out = np.ascontiguousarray(values, dtype=np.float64).copy()

@@ -8,6 +8,7 @@ same server step. Rank 0 alone prints and writes files.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 import warnings
@@ -19,7 +20,7 @@ import torch
 
 from hpcfed import __version__
 from hpcfed.algorithms import Update, make_strategy
-from hpcfed.comm import PackedAllreduce, allreduce_sum, choose_device
+from hpcfed.comm import PackedAllreduce, allreduce_sum, choose_device, recv_arrays, send_arrays
 from hpcfed.config import JobConfig, UserError, to_toml
 from hpcfed.data import load_federated
 from hpcfed.faults import FAULT_METRICS, Faults
@@ -103,13 +104,15 @@ class Run:
                 self.log.rebuild(self.attrs(), ckpt.groups.get("history", {}), self.strategy.log_groups())
 
     def checkpoint(self, rounds_done: int, wall: float) -> None:
-        # per-client state lives on the clients' home ranks: gather it (every rank takes part)
-        clients = self.strategy.extra_state()
-        if self.size > 1:
-            parts = self.comm.gather(clients, root=0)
-            clients = {k: v for part in parts or [] for k, v in part.items()}
+        # Per-client state lives on the clients' home ranks. Every rank streams its arrays to rank 0
+        # one at a time, which writes each into the file as it arrives: no rank ever holds every
+        # client's state (ResFed: thousands of clients x several models), whatever the rank count.
+        clients = self.strategy.iter_extra_state()
         if self.rank != 0:
+            send_arrays(self.comm, clients, dest=0)
             return
+        others = (recv_arrays(self.comm, source=r) for r in range(1, self.size))
+        clients = itertools.chain(clients, *others)
         self.log.flush()
         self.flat.set(self.state["model"])
         model = {k: v.numpy() for k, v in self.flat.state_dict().items()}

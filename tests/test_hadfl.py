@@ -200,6 +200,21 @@ def test_measured_speeds_are_kept_in_the_checkpoint(tmp_path):
     np.testing.assert_array_equal(resumed.state["speeds"], speeds)  # not re-measured
 
 
+def test_stop_request_checkpoints_at_the_cycle_boundary(tmp_path):
+    from hpcfed.comm import world
+    from hpcfed.runner import Run
+    from hpcfed.signals import StopFlag
+
+    job = small(tmp_path, "rounds=10", "checkpoint_every=100")
+    stop = StopFlag()
+    stop.received = "SIGTERM"  # as if the signal arrived during the first cycle
+    run = Run(job, world(), job.run_dir, progress=False, stop=stop)
+    run.create_files()
+    result = run.loop()
+    assert (result.rounds_done, result.stopped_by) == (1, "SIGTERM")
+    assert [p.name for p in list_checkpoints(job.run_dir)] == ["round_000001.h5"]
+
+
 def test_plot_draws_accuracy_against_sim_time(tmp_path):
     from hpcfed.io.plots import plot_runs
 

@@ -66,6 +66,26 @@ def test_corrupt_checkpoint_detected_by_checksum(tmp_path):
         load_checkpoint(path)
 
 
+def test_client_state_streams_in_is_read_lazily_and_is_checksummed(tmp_path):
+    """clients/ may be written from a generator (the engine streams it from every rank) and is
+    read per dataset; a flipped byte in it still fails the whole checkpoint at load time."""
+    arrays = {f"resfed.up.server.{c}": np.full((2, 6), c, np.float32) for c in range(5)}
+    model = {"w": np.zeros(3, np.float32)}
+    path = save_checkpoint(tmp_path, 1, {"algorithm": "resfed"}, model, {"clients": iter(arrays.items())}, 3)
+    ck = load_checkpoint(path)
+    lazy = ck.groups["clients"]
+    assert sorted(lazy) == sorted(arrays) and len(lazy) == 5
+    np.testing.assert_array_equal(lazy["resfed.up.server.3"], arrays["resfed.up.server.3"])
+    lazy.close()
+    with h5py.File(path, "r") as f:
+        offset = f["clients/resfed.up.server.4"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="unreadable checkpoint"):
+        load_checkpoint(path)
+
+
 def test_torn_checkpoint_falls_back_to_older(tmp_path):
     _save(tmp_path, 2, value=2)
     newest = _save(tmp_path, 4, value=4)

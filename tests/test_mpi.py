@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 
+import numpy as np
 import pytest
 
 from hpcfed.config import load_job
@@ -74,3 +75,32 @@ def test_signal_on_one_rank_stops_all_at_the_same_boundary():
     assert rounds == [1] * comm.Get_size()  # everyone stopped after the first round
     assert result.stopped_by is not None
     assert written
+
+
+@pytest.mark.mpi
+def test_send_and_recv_arrays_stream_every_rank_to_rank_0():
+    from mpi4py import MPI
+
+    from hpcfed.comm import recv_arrays, send_arrays
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+
+    def mine(r):  # several dtypes and shapes, including empty and 0-d
+        return [
+            (f"a.{r}", np.arange(6, dtype=np.float32).reshape(2, 3) + r),
+            (f"b.{r}", np.array(r, np.int64)),
+            (f"c.{r}", np.zeros((0, 4), np.float64)),
+        ]
+
+    if rank:
+        send_arrays(comm, iter(mine(rank)), dest=0)
+        ok = None
+    else:
+        got = [pair for r in range(1, size) for pair in recv_arrays(comm, source=r)]
+        want = [pair for r in range(1, size) for pair in mine(r)]
+        ok = [n for n, _ in got] == [n for n, _ in want] and all(
+            a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+            for (_, a), (_, b) in zip(got, want)
+        )
+    assert comm.bcast(ok, root=0)

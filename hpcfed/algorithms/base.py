@@ -91,6 +91,11 @@ class Strategy:
         """This rank's part of the per-client state (the engine gathers every rank's)."""
         return {}
 
+    def iter_extra_state(self):
+        """:meth:`extra_state` as ``(name, array)`` pairs; override to produce them lazily (the
+        engine streams them into the checkpoint one at a time)."""
+        yield from self.extra_state().items()
+
     def load_extra_state(self, arrays: dict[str, np.ndarray]) -> None:
         if arrays:
             raise ValueError(f"{self.name} keeps no extra state, checkpoint has {sorted(arrays)}")

@@ -120,5 +120,5 @@ class FedAvg(Strategy):
 
     def load_extra_state(self, arrays):
         rank, size = self.comm.Get_rank(), self.comm.Get_size()
-        mine = {k: v for k, v in arrays.items() if int(k.rsplit(".", 1)[1]) % size == rank}
+        mine = {k: arrays[k] for k in arrays if int(k.rsplit(".", 1)[1]) % size == rank}
         self.compression.load_state_arrays(mine)

@@ -336,28 +336,37 @@ class ResFed(Strategy):
         return state
 
     # -- checkpoints: every trajectory as a named array "resfed.<stream>.<end>.<client>" ---------
-    def extra_state(self) -> dict[str, np.ndarray]:
-        out = {}
+    def iter_extra_state(self):
+        # one client at a time: with the disk store only that client's arrays are in memory
         for cid in self.store:
             for key, traj in self.store.get(cid).items():
                 if traj.shape[0]:
-                    out[f"resfed.{key}.{cid}"] = traj
-        return out
+                    yield f"resfed.{key}.{cid}", traj
 
-    def load_extra_state(self, arrays: dict[str, np.ndarray]) -> None:
+    def extra_state(self) -> dict[str, np.ndarray]:
+        return dict(self.iter_extra_state())
+
+    def load_extra_state(self, arrays) -> None:
+        """Keep this rank's clients (``client % N == rank``), reading their arrays client by client
+        (``arrays`` may be a lazy checkpoint group): memory holds one client at a time."""
         rank, size = self.comm.Get_rank(), self.comm.Get_size()
-        mine: dict[int, dict[str, np.ndarray]] = {}
+        by_client: dict[int, list[tuple[str, str]]] = {}
         keys = set(STATE_KEYS)
-        for name, arr in arrays.items():
+        for name in arrays:
             prefix, _, cid = name.rpartition(".")
             key = prefix.removeprefix("resfed.")
             if not prefix.startswith("resfed.") or key not in keys or not cid.isdigit():
                 raise ValueError(f"resfed: unexpected per-client state {name!r} in the checkpoint")
-            arr = np.asarray(arr, dtype=np.float32)
-            if arr.ndim != 2 or arr.shape[1] != self.flat.size or arr.shape[0] > self.cfg.history:
-                raise ValueError(f"resfed: {name} has shape {arr.shape}, expected (<= {self.cfg.history}, P)")
             if int(cid) % size == rank:  # this rank is the client's home
-                mine.setdefault(int(cid), self._empty_state())[key] = arr
+                by_client.setdefault(int(cid), []).append((key, name))
         self.store.clear()
-        for cid in sorted(mine):
-            self.store[cid] = mine[cid]
+        for cid in sorted(by_client):
+            st = self._empty_state()
+            for key, name in by_client[cid]:
+                arr = np.asarray(arrays[name], dtype=np.float32)
+                if arr.ndim != 2 or arr.shape[1] != self.flat.size or arr.shape[0] > self.cfg.history:
+                    raise ValueError(
+                        f"resfed: {name} has shape {arr.shape}, expected (<= {self.cfg.history}, P)"
+                    )
+                st[key] = arr
+            self.store[cid] = st

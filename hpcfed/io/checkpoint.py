@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def checkpoint_path(run_dir: Path, round_done: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round_{round_done:06d}.h5"
 
 
-def _write_group(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
-    for name, value in arrays.items():
+def _write_group(group: h5py.Group, arrays) -> None:
+    """``arrays``: a mapping or an iterable of ``(name, array)`` pairs (per-client state arrives
+    as a stream from every rank and is written one array at a time)."""
+    for name, value in arrays.items() if hasattr(arrays, "items") else arrays:
         arr = np.asarray(value)
         # Fletcher-32 needs a chunked, non-empty, non-scalar dataset
         checksum = arr.ndim > 0 and arr.size > 0
@@ -119,7 +122,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
                 raise UserError(f"{path}: incomplete checkpoint (no completeness marker)")
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
             model = _read_group(f["model"])
-            groups = {g: _read_group(f[g]) for g in f if g != "model"}
+            groups = {g: _read_group(f[g]) for g in f if g not in ("model", "clients")}
+            if "clients" in f:
+                # per-client state can be large (ResFed: clients x models): verify every checksum
+                # now, one dataset at a time, and let each rank read only its clients later
+                for name in f["clients"]:
+                    f["clients"][name][()]
+                groups["clients"] = LazyGroup(path, "clients", list(f["clients"]))
     except UserError:
         raise
     except (OSError, KeyError, ValueError) as exc:  # checksum mismatch, truncation, not HDF5
@@ -130,6 +139,33 @@ def load_checkpoint(path: Path) -> Checkpoint:
         if arr.dtype.kind not in "biuf":
             raise UserError(f"{path}: model/{name} has dtype {arr.dtype}; expected a numeric tensor")
     return Checkpoint(path=path, round=int(attrs["round"]), attrs=attrs, model=model, groups=groups)
+
+
+class LazyGroup(Mapping):
+    """A checkpoint group whose datasets are read when asked for (the file stays open for reads
+    until this object goes away). ``load_checkpoint`` has already verified their checksums."""
+
+    def __init__(self, path: Path, group: str, names: list[str]):
+        self.path, self.group, self.names = Path(path), group, names
+        self._file: h5py.File | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return self._file[self.group][name][()]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def load_latest(run_dir: Path) -> Checkpoint:
