@@ -8,6 +8,7 @@ its whole round loop: cohort, placement, codec bytes, the packed collective, the
 the log rows (buffered HDF5 appends).
 
     python benchmarks/bench_round.py [--rounds 200] [--repeats 3] [--out FILE.json]
+    python benchmarks/bench_round.py --sweep 5 10 20 50 100 --plot FILE.png   # time vs cohort size
 """
 
 from __future__ import annotations
@@ -91,16 +92,59 @@ def hpcfed_loop(job, rounds: int) -> float:
         return float(wall[-1] - wall[0]) / rounds
 
 
+def sweep(job, data, args) -> None:
+    """Time per round against clients per round, both loops, medians of ``repeats``; JSON and a plot."""
+    rows = []
+    for k in args.sweep:
+        kjob = job.model_copy(update={"clients_per_round": k})
+        plain = statistics.median(plain_loop(kjob, data, args.rounds)[0] for _ in range(args.repeats))
+        ours = statistics.median(hpcfed_loop(kjob, args.rounds) for _ in range(args.repeats))
+        rows.append(
+            {"clients_per_round": k, "plain_ms": 1e3 * plain, "hpcfed_ms": 1e3 * ours, "ratio": ours / plain}
+        )
+        print(
+            f"{k:>4} clients/round: plain {1e3 * plain:7.2f} ms  "
+            f"hpcfed {1e3 * ours:7.2f} ms  ({ours / plain:.2f}x)"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"benchmark": "round_sweep", "rounds": args.rounds, "rows": rows}, indent=2)
+        )
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ks = [r["clients_per_round"] for r in rows]
+        ax.plot(ks, [r["plain_ms"] for r in rows], "o-", label="plain PyTorch loop")
+        ax.plot(ks, [r["hpcfed_ms"] for r in rows], "s-", label="hpcfed (1 process)")
+        ax.set_xlabel("clients per round")
+        ax.set_ylabel("time per round (ms)")
+        ax.set_title("digits FedAvg, MLP, 1 local epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--sweep", type=int, nargs="*", help="clients per round to sweep (default: the job's 10)")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of time per round against clients per round")
     args = ap.parse_args()
     torch.set_num_threads(1)
     # evaluation every round would time the test set, not the round: evaluate at the end only
     job = load_job(JOB, [f"eval_every={10**6}"])
     data = load_federated(job.data, job.seed)
+    if args.sweep:
+        sweep(job, data, args)
+        return
     plain, ours = [], []
     for _ in range(args.repeats):
         plain.append(plain_loop(job, data, args.rounds)[0])
