@@ -81,9 +81,4 @@ def peer_loop(run) -> RunResult:
             run.checkpoint(done, wall)
         if stopping:
             break
-    if run.rank == 0:
-        run.log.flush()
-        if bar is not None:
-            bar.close()
-    stopped = run.stop.received or ("signal on another rank" if rnd + 1 < job.rounds else None)
-    return RunResult(run.run_dir, rnd + 1, stopped, accuracy)
+    return run.finish(bar, rnd, accuracy)

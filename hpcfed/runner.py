@@ -198,12 +198,18 @@ class Run:
                 self.checkpoint(done, wall)
             if stopping:
                 break
+        return self.finish(bar, rnd, accuracy)
+
+    def finish(self, bar, last_round: int, accuracy: float) -> RunResult:
+        """After the loop (either loop): flush the log, close the bar, say why it stopped."""
         if self.rank == 0:
             self.log.flush()
             if bar is not None:
                 bar.close()
-        stopped = self.stop.received or ("signal on another rank" if rnd + 1 < job.rounds else None)
-        return RunResult(self.run_dir, rnd + 1, stopped, accuracy)
+        stopped = self.stop.received or (
+            "signal on another rank" if last_round + 1 < self.job.rounds else None
+        )
+        return RunResult(self.run_dir, last_round + 1, stopped, accuracy)
 
     def _client(self, cid: int, rnd: int) -> None:
         """Train one client as its [faults] fate says, and add its update to the round's buffer."""

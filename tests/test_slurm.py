@@ -24,9 +24,22 @@ from .conftest import QUICKSTART, ROOT, VENV_BIN
 pytestmark = pytest.mark.slurm
 
 SBATCH = ROOT / "slurm" / "hpcfed.sbatch"
-ROUNDS = 60
-MAX_REQUEUES = 10  # HPCFED_MAX_REQUEUES: enough for this run, a bound if something goes wrong
-DEADLINE = 330.0  # seconds for the whole test: a few 1-minute jobs, each held a few seconds
+WORK_SECONDS = 60.0  # training in the run, measured on this machine first: more than one 1-minute job
+MAX_REQUEUES = 20  # HPCFED_MAX_REQUEUES: enough for this run, a bound if something goes wrong
+DEADLINE = 450.0  # seconds for the whole test: a few 1-minute jobs, each held a few seconds
+
+
+def _rounds_for(seconds: float, out: Path) -> int:
+    """Rounds of the test's job (20 local epochs) that train for about ``seconds`` on this machine."""
+    from hpcfed.config import load_job
+    from hpcfed.io.metrics import read_metrics
+
+    from .conftest import run_in_process
+
+    job = load_job(QUICKSTART, [f"out={out}", "rounds=6", "eval_every=6", "train.epochs=20"])
+    run_in_process(job)
+    per_round = float(read_metrics(job.run_dir / "log.h5")[1]["wall_time"][-1]) / 6
+    return int(min(max(seconds / per_round, 30), 2000)) // 5 * 5  # whole checkpoint intervals
 
 
 def _require_slurm() -> None:
@@ -91,10 +104,13 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_dir):
     env["HPCFED_PYTHON"] = sys.executable
     env["HPCFED_MAX_REQUEUES"] = str(MAX_REQUEUES)
     env.pop("HPCFED_LAUNCHER", None)
-    # More training than one 1-minute job holds (about a second a round on one busy core).
+    # More training than one 1-minute job holds, however fast or busy this machine is: time a few
+    # rounds here first and size the run to ~60 s (a fixed size finished in 13 s on a quiet machine,
+    # before SLURM's timer ever signalled, and took minutes on a busy one)
+    rounds = _rounds_for(WORK_SECONDS, slurm_dir / "calibrate")
     overrides = [
         f"out={out_dir}",
-        f"rounds={ROUNDS}",
+        f"rounds={rounds}",
         "checkpoint_every=5",
         "eval_every=5",
         "train.epochs=20",
@@ -156,10 +172,10 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_dir):
     assert released >= 1 and "received SIGUSR1" in text and "requeueing job" in text, text
     assert f"resume {run_dir}" in text, text  # a requeued job resumed the run folder
     with h5py.File(run_dir / "log.h5", "r") as f:
-        rounds = f["metrics/round"][:].tolist()
-    assert rounds == list(range(ROUNDS)), text
+        logged = f["metrics/round"][:].tolist()
+    assert logged == list(range(rounds)), text
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("round_*.h5"))
-    assert checkpoints[-1] == f"round_{ROUNDS:06d}.h5"
+    assert checkpoints[-1] == f"round_{rounds:06d}.h5"
 
 
 @pytest.mark.parametrize("restarts", [2, 3])
