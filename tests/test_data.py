@@ -101,6 +101,32 @@ def test_digits_split_stratified_and_standardised():
     assert abs(X_te.mean()) > 1e-4  # the test split was not re-standardised on its own
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_digits_without_importing_sklearn_equals_sklearn_cold_and_cached(tmp_path, monkeypatch, seed):
+    """The pixels read from scikit-learn's CSV and the cached split are exactly what
+    load_digits + train_test_split give, and a torn cache file is recomputed, not trusted."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from hpcfed.rng import numpy_generator
+
+    X, y = load_digits(return_X_y=True)
+    state = int(numpy_generator(seed, "digits-split").integers(2**31 - 1))
+    X_tr, _, y_tr, y_te = train_test_split(X, y, test_size=0.2, stratify=y, random_state=state)
+    monkeypatch.setenv("HPCFED_CACHE", str(tmp_path))
+    cold = load_digits_split(seed)
+    [cache] = tmp_path.glob("digits-split-*.npz")
+    warm = load_digits_split(seed)
+    cache.write_bytes(cache.read_bytes()[:100])  # torn
+    torn = load_digits_split(seed)
+    for got in (cold, warm, torn):
+        np.testing.assert_array_equal(got[1], y_tr)
+        np.testing.assert_array_equal(got[3], y_te)
+        mean, std = X_tr.mean(0), X_tr.std(0)
+        std[std == 0] = 1.0
+        np.testing.assert_array_equal(got[0], ((X_tr - mean) / std).astype(np.float32))
+
+
 def test_digits_dataset_shapes_and_tensors():
     ds = load_federated(DataConfig(), seed=0)
     assert (ds.num_clients, ds.num_classes, ds.input_shape) == (100, 10, (64,))
