@@ -2,11 +2,19 @@
 
 hpcfed's round reduces one packed float64 buffer: the summed client values, their weights (one per
 element when clients train overlapping slices, as in SuperFed and PriSM), the metric sums and the
-stop flag. Measured here: what the engine does per round around that buffer (zero it, add a rank's
-summed update and weights into it, one in-place ``Allreduce``, the views the server step reads),
-against ``comm.Allreduce(MPI.IN_PLACE, buf)`` on a preallocated float64 buffer of the same length,
-and, for scale, against a float32 Allreduce of just the model (what a hand-written FedAvg with
-scalar weights sends: 2x fewer bytes for float64, 4x fewer with per-element weights).
+stop flag. Three comparisons, 2 ranks, per model size, with and without per-element weights:
+
+* collective: the engine's ``PackedAllreduce.allreduce()`` (one in-place Allreduce of the packed
+  buffer and the named views the server step reads) against ``comm.Allreduce(MPI.IN_PLACE, buf)``
+  on a preallocated float64 buffer of the same length;
+* round: what the engine does around it (zero the buffer, add the rank's client update and
+  weights, the metric sums, the collective) against the hand-written equivalent (add the update
+  into a preallocated buffer, one Allreduce): the rank-local sum of client updates is work both do;
+* unpacked: one Allreduce per field (value, weight, each metric, the stop flag), the design the
+  packing replaces.
+
+For scale, a float32 Allreduce of just the model (a FedAvg with scalar weights and float32 sums:
+2x fewer bytes than float64, 4x fewer than float64 with per-element weights) is reported too.
 
     mpirun -n 2 python benchmarks/bench_aggregate.py [--out benchmarks/results/aggregate.json]
 """
@@ -40,6 +48,18 @@ def engine_round(packed: PackedAllreduce, update: np.ndarray, weight) -> tuple[n
         packed.view(m)[0] += 1.0
     total = packed.allreduce()
     return total["value"], total["weight"]
+
+
+def raw_round(comm, buf: np.ndarray, update: np.ndarray) -> None:
+    """The hand-written round: the rank's update summed into a preallocated buffer, one Allreduce."""
+    np.add(buf[: update.size], update, out=buf[: update.size])
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+
+def unpacked(comm, fields: list[np.ndarray]) -> None:
+    """One Allreduce per field instead of one packed buffer."""
+    for f in fields:
+        comm.Allreduce(MPI.IN_PLACE, f, op=MPI.SUM)
 
 
 def timed(fn, comm, repeats: int) -> float:
@@ -76,27 +96,29 @@ def main() -> None:
 
             raw = np.zeros(packed.buffer.size)
             model32 = np.zeros(p, np.float32)
-            t_engine = timed(partial(engine_round, packed, update, weight), comm, args.repeats)
-            t_raw = timed(partial(comm.Allreduce, MPI.IN_PLACE, raw, op=MPI.SUM), comm, args.repeats)
-            t_32 = timed(partial(comm.Allreduce, MPI.IN_PLACE, model32, op=MPI.SUM), comm, args.repeats)
-            rows.append(
-                {
-                    "params": p,
-                    "per_element_weights": per_element,
-                    "buffer_bytes": packed.buffer.nbytes,
-                    "engine_s": t_engine,
-                    "raw_same_bytes_s": t_raw,
-                    "raw_float32_model_s": t_32,
-                    "ratio_vs_same_bytes": t_engine / t_raw,
-                    "ratio_vs_float32_model": t_engine / t_32,
-                }
-            )
+            fields = [np.zeros(packed.slices[name].stop - packed.slices[name].start) for name in layout]
+            allreduce = partial(comm.Allreduce, MPI.IN_PLACE, op=MPI.SUM)
+            t = {
+                "engine_collective": timed(packed.allreduce, comm, args.repeats),
+                "raw_collective": timed(partial(allreduce, raw), comm, args.repeats),
+                "engine_round": timed(partial(engine_round, packed, update, weight), comm, args.repeats),
+                "raw_round": timed(partial(raw_round, comm, raw, update), comm, args.repeats),
+                "unpacked": timed(partial(unpacked, comm, fields), comm, args.repeats),
+                "float32_model": timed(partial(allreduce, model32), comm, args.repeats),
+            }
+            row = {"params": p, "per_element_weights": per_element, "buffer_bytes": packed.buffer.nbytes}
+            row.update({f"{k}_s": v for k, v in t.items()})
+            row["collective_ratio"] = t["engine_collective"] / t["raw_collective"]
+            row["round_ratio"] = t["engine_round"] / t["raw_round"]
+            row["unpacked_over_packed"] = t["unpacked"] / t["engine_collective"]
+            row["round_over_float32_model"] = t["engine_round"] / t["float32_model"]
+            rows.append(row)
             if comm.Get_rank() == 0:
-                r = rows[-1]
                 print(
-                    f"P={p:>9,} per-element={per_element!s:5}  engine {t_engine * 1e3:8.3f} ms  "
-                    f"raw same bytes {t_raw * 1e3:8.3f} ms ({r['ratio_vs_same_bytes']:.2f}x)  "
-                    f"raw f32 model {t_32 * 1e3:8.3f} ms ({r['ratio_vs_float32_model']:.2f}x)",
+                    f"P={p:>9,} per-element={per_element!s:5}  collective {row['collective_ratio']:.2f}x  "
+                    f"round {row['round_ratio']:.2f}x  unpacked/packed {row['unpacked_over_packed']:.2f}x  "
+                    f"round/f32-model {row['round_over_float32_model']:.2f}x  "
+                    f"({t['engine_round'] * 1e3:.3f} ms)",
                     flush=True,
                 )
     if comm.Get_rank() == 0:

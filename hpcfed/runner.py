@@ -28,7 +28,7 @@ from hpcfed.flat import FlatModel
 from hpcfed.io.checkpoint import Checkpoint, save_checkpoint
 from hpcfed.io.metrics import MetricsLog
 from hpcfed.models import build_model
-from hpcfed.placement import assign
+from hpcfed.placement import assign, training_cost
 from hpcfed.rng import cohort
 from hpcfed.robust import RobustAggregation, is_finite
 from hpcfed.signals import StopFlag
@@ -151,7 +151,8 @@ class Run:
             # 1. the cohort, from (seed, round): the same on every rank, no communication
             clients = cohort(job.seed, rnd, self.data.num_clients, job.clients_per_round)
             # 2. this rank's share: greedy by sample count, or each client's fixed home rank
-            mine = assign(clients, self.data.client_sizes[clients], self.size, strategy.placement)[self.rank]
+            costs = training_cost(self.data.client_sizes[clients], job.train.epochs, job.train.batch_size)
+            mine = assign(clients, costs, self.size, strategy.placement)[self.rank]
             # 3. train them and sum their additive updates into the round's buffer
             packed.zero()
             strategy.begin_round(self.state, rnd)

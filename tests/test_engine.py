@@ -14,7 +14,7 @@ from hpcfed.algorithms.fedavg import FedAvg
 from hpcfed.comm import PackedAllreduce
 from hpcfed.config import load_job
 from hpcfed.flat import FlatModel
-from hpcfed.placement import assign, assign_balanced, assign_fixed
+from hpcfed.placement import assign, assign_balanced, assign_fixed, training_cost
 from hpcfed.rng import cohort, numpy_generator, torch_generator
 
 from .conftest import QUICKSTART, cli_env
@@ -171,6 +171,11 @@ def test_world_leaves_no_mpi_settings_for_child_processes():
     before = {k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA")}
     assert world().Get_size() >= 1
     assert {k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA")} == before
+
+
+def test_training_cost_counts_steps_plus_one_by_hand():
+    # 14 samples at batch 10: 2 steps per epoch; 20 samples: 2; 21: 3; 0: none, the fixed cost only
+    np.testing.assert_array_equal(training_cost(np.array([14, 20, 21, 0]), 5, 10), [11, 11, 16, 1])
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3), (0.0, 1e-2)])
