@@ -42,8 +42,8 @@ SIZES = (10_000, 100_000, 1_000_000, 4_000_000)  # model parameters
 def engine_round(packed: PackedAllreduce, update: np.ndarray, weight) -> tuple[np.ndarray, np.ndarray]:
     """What the engine does around the round's buffer (runner.py steps 3-5), for one rank."""
     packed.zero()
-    np.add(packed.view("value"), update, out=packed.view("value"))
-    np.add(packed.view("weight"), weight, out=packed.view("weight"))
+    packed.add("value", update)
+    packed.add("weight", weight)
     for m in BASE_METRICS:
         packed.view(m)[0] += 1.0
     total = packed.allreduce()

@@ -7,7 +7,13 @@ should cost what its cohort costs: nothing may grow with the number of clients b
 when it is trained, so this isolates the engine. Targets (issue 10): 10,000 clients < 120 s and
 < 4 GiB across all processes.
 
-    python benchmarks/bench_scale.py [--ranks 2] [--out benchmarks/results/scale.json]
+ResFed's per-client state (trajectories at both ends of each link: about nine models per client
+that has ever taken part) is the one thing that must grow with the clients; ``--resfed`` runs it
+with 1,000 clients, 100 a round, with the state in memory and in the per-rank HDF5 store
+(``resfed.state = "disk"``), checkpointing at the end (every rank streams its clients' state to
+rank 0 one array at a time).
+
+    python benchmarks/bench_scale.py [--ranks 2] [--resfed] [--out benchmarks/results/scale.json]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     ap.add_argument("--per-round", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--resfed", action="store_true", help="also ResFed, memory vs disk state")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -40,7 +47,13 @@ def main() -> None:
     env["PRTE_MCA_rmaps_default_mapping_policy"] = ":oversubscribe"
     mpirun = Path(sys.executable).parent / "mpirun"
     rows = []
-    for n in args.clients:
+    configs = [(n, []) for n in args.clients]
+    if args.resfed:
+        resfed = ["algorithm=resfed", "resfed.predictor=received", f"rounds={2 * args.rounds}"]
+        configs += [
+            (n, [*resfed, f"resfed.state={state}"]) for n in (100, 1_000) for state in ("memory", "disk")
+        ]
+    for n, extra in configs:
         out = tempfile.mkdtemp(prefix="hpcfed-bench-scale-")
         cmd = [
             str(mpirun if mpirun.exists() else "mpirun"),
@@ -57,12 +70,18 @@ def main() -> None:
             f"rounds={args.rounds}",
             f"eval_every={args.rounds}",
             f"checkpoint_every={args.rounds}",
+            *extra,
         ]
         wall, peak, proc = run_tree(cmd, env)
         if proc.returncode:
             sys.exit(f"{n} clients failed: {proc.stderr[-2000:]}")
-        rows.append({"clients": n, "wall_s": wall, "peak_bytes": peak, "peak_gib": peak / 2**30})
-        print(f"{n:>8,} clients: {wall:7.1f} s, peak {peak / 2**30:.2f} GiB (all processes)", flush=True)
+        label = " ".join(extra) or "fedavg"
+        rows.append(
+            {"clients": n, "job": label, "wall_s": wall, "peak_bytes": peak, "peak_gib": peak / 2**30}
+        )
+        print(
+            f"{n:>8,} clients {label}: {wall:7.1f} s, peak {peak / 2**30:.2f} GiB (all processes)", flush=True
+        )
     result = {
         "machine": {
             "platform": platform.platform(),

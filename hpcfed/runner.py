@@ -233,9 +233,8 @@ class Run:
                 packed.view(name)[0] += update.metrics.get(name, 0.0)
             return
         update = self.robust.admit(update, cid)
-        np.add(packed.view("value"), update.value, out=packed.view("value"))
-        weight = packed.view("weight")
-        np.add(weight, update.weight, out=weight)
+        packed.add("value", update.value)
+        packed.add("weight", update.weight)
         for name, value in update.metrics.items():
             packed.view(name)[0] += value
 

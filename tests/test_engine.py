@@ -141,8 +141,17 @@ def test_packed_allreduce_layout_single_rank():
     packed.view("stop")[0] = 1
     out = packed.allreduce()
     assert out["value"].tolist() == [1, 2, 3] and out["stop"][0] == 1 and out["weight"][0] == 0
+    # a new round: zeroing is lazy, but every field reads as zero, adds accumulate from zero, and
+    # fields nobody touched reach the collective as zeros
     packed.zero()
-    assert packed.buffer.sum() == 0
+    packed.add("value", np.array([5.0, 6.0, 7.0]))
+    packed.add("value", np.array([1.0, 1.0, 1.0]))
+    packed.add("weight", 2.0)
+    assert packed.view("stop")[0] == 0
+    out = packed.allreduce()
+    assert out["value"].tolist() == [6, 7, 8] and out["weight"][0] == 2 and out["stop"][0] == 0
+    packed.zero()
+    assert all(v.sum() == 0 for v in packed.allreduce().values())
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
