@@ -85,3 +85,10 @@ def test_missing_and_non_toml_files(tmp_path):
     bad.write_text("this is [not toml")
     with pytest.raises(UserError, match="not valid TOML"):
         load_job(bad)
+
+
+def test_every_algorithm_the_schema_accepts_has_a_strategy():
+    from hpcfed.algorithms import STRATEGIES
+    from hpcfed.config import ALGORITHMS
+
+    assert sorted(ALGORITHMS) == sorted(STRATEGIES)

