@@ -48,6 +48,7 @@ import numpy as np
 
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.algorithms.compression import Compression, require_plain_uplink
+from hpcfed.algorithms.slices import contribution, train_slices
 from hpcfed.codecs import IdentityCodec
 from hpcfed.config import UserError
 from hpcfed.models.factorized import (
@@ -59,7 +60,7 @@ from hpcfed.models.factorized import (
     peak_training_bytes,
     prism_submodel,
 )
-from hpcfed.rng import numpy_generator, torch_generator
+from hpcfed.rng import numpy_generator
 from hpcfed.train import LocalSGD
 
 P_FLOOR = 1e-12
@@ -170,22 +171,11 @@ class Prism(Strategy):
         sub, trainer, macs, peak = self.submodel(level)
         kernels = self.select(round_index, client_id, self.levels[level])
         idx = sub.index(kernels)
-        # downlink: the slices and which kernels they are
-        down, _ = self.codec.encode(self._factors[idx], {})
-        down_len = len(down) + sum(4 * len(k) for k in kernels)
-        received, _ = self.codec.decode(down, {})
-        sub.flat.set(received)
-        x, y = self.data.client(client_id)
-        x, y = x.to(self.device), y.to(self.device)
-        loss, _ = trainer.train(x, y, torch_generator(self.job.seed, "train", round_index, client_id))
-        # uplink: the change to the slices, through the job's codec; the server adds the decoded bytes
-        up, decoded = self.compression.send_up(client_id, round_index, sub.flat.get() - received)
-        n = float(y.shape[0])
-        value = np.zeros(self.space.size)
-        weight = np.zeros(self.space.size)
-        value[idx] = n * (received.astype(np.float64) + decoded)
-        weight[idx] = n
-        k = float(self.job.clients_per_round)
-        metrics = {"loss_sum": loss * n, "samples": n, "bytes_up": len(up), "bytes_down": down_len}
-        metrics.update(sub_params=sub.params / k, sub_macs=macs / k, sub_peak_memory=peak / k)
-        return Update(value=value, weight=weight, metrics=metrics)
+        # down: the slices (and which kernels they are, 4 bytes an index); up: their change
+        r = train_slices(self, sub.flat, trainer, self._factors[idx], client_id, round_index)
+        update = contribution(self.space.size, idx, r.theta, r.samples)  # sample-weighted
+        n, k = r.samples, float(self.job.clients_per_round)
+        down_len = len(r.down) + sum(4 * len(kern) for kern in kernels)
+        update.metrics = {"loss_sum": r.loss * n, "samples": n, "bytes_up": len(r.up), "bytes_down": down_len}
+        update.metrics.update(sub_params=sub.params / k, sub_macs=macs / k, sub_peak_memory=peak / k)
+        return update

@@ -47,9 +47,10 @@ import numpy as np
 
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.algorithms.compression import Compression, require_plain_uplink
+from hpcfed.algorithms.slices import contribution, train_slices
 from hpcfed.codecs import IdentityCodec
 from hpcfed.models.elastic import Subnet, elastic_space, make_subnet, spec_text
-from hpcfed.rng import cohort, numpy_generator, torch_generator
+from hpcfed.rng import cohort, numpy_generator
 from hpcfed.train import LocalSGD, evaluate_sums
 
 CACHE = 64  # built client subnets kept per rank (an ResNet space has far more specs than this)
@@ -69,14 +70,6 @@ def sandwich(clients: np.ndarray, largest: np.ndarray, smallest: np.ndarray) -> 
     big = int(clients[np.argmin(largest[clients])])
     rest = clients[clients != big]
     return big, (int(rest[np.argmin(smallest[rest])]) if rest.size else None)
-
-
-def contribution(size: int, index: np.ndarray, theta: np.ndarray, w: float) -> Update:
-    """One client's additive part of the round: ``w·θ`` and ``w`` at its subnet's positions."""
-    value, weight = np.zeros(size), np.zeros(size)
-    value[index] = w * np.asarray(theta, dtype=np.float64)
-    weight[index] = w
-    return Update(value=value, weight=weight)
 
 
 class SuperFed(Strategy):
@@ -166,22 +159,15 @@ class SuperFed(Strategy):
             self.plan(state, round_index)
         spec, w = self._plan[client_id]
         sub, trainer = self.subnet(spec)
-        # downlink: the subnet's slices, and its spec so the client can build the model
-        down, _ = self.codec.encode(state["model"][sub.index], {})
-        received, _ = self.codec.decode(down, {})
-        sub.flat.set(received)
-        x, y = self.data.client(client_id)
-        x, y = x.to(self.device), y.to(self.device)
-        loss, _ = trainer.train(x, y, torch_generator(self.job.seed, "train", round_index, client_id))
-        # uplink: the change of the slices through the job's codec; the server adds the decoded bytes
-        up, decoded = self.compression.send_up(client_id, round_index, sub.flat.get() - received)
-        update = contribution(self.flat.size, sub.index, received.astype(np.float64) + decoded, w)
-        n, k = float(y.shape[0]), float(self.job.clients_per_round)
+        # down: the subnet's slices, and its spec so the client can build the model; up: their change
+        r = train_slices(self, sub.flat, trainer, state["model"][sub.index], client_id, round_index)
+        update = contribution(self.flat.size, sub.index, r.theta, w)  # the MaxNet weight
+        n, k = r.samples, float(self.job.clients_per_round)
         update.metrics = {
-            "loss_sum": loss * n,
+            "loss_sum": r.loss * n,
             "samples": n,
-            "bytes_up": len(up),
-            "bytes_down": len(down) + len(spec_text(spec).encode()),
+            "bytes_up": len(r.up),
+            "bytes_down": len(r.down) + len(spec_text(spec).encode()),
             "sub_params": sub.params / k,
             "sub_macs": sub.macs / k,
             "train_macs": 3.0 * sub.macs * n * self.job.train.epochs,
