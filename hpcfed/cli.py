@@ -1,9 +1,9 @@
 """The ``hpcfed`` command: argument parsing, exit codes and error messages (interface.md).
 
 Exit codes: 0 done (also after a stop signal, checkpointed); 2 the user's input is wrong, with one
-line on stderr naming the key or file; 1 anything else. Under MPI an error on one rank must not
-leave the others blocked in a collective: set-up errors are agreed on collectively (every rank
-exits with the same code, rank 0 prints), and an error inside the round loop aborts the job.
+line on stderr naming the key or file; 1 anything else (a bug, often in user code: its traceback).
+``run`` and ``resume`` are the Python API's (hpcfed.api), which makes every rank of an mpirun
+leave together: the rank that failed reports, the others exit with the same code in silence.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     b.add_argument("--repeats", type=int, default=5)
+    c = sub.add_parser("check", help="validate a job without training: keys, references, data, one batch")
+    c.add_argument("job")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
     d = sub.add_parser("rundir", help="print the run folder a job would use ({out}/{name})")
     d.add_argument("job")
     d.add_argument("overrides", nargs="*", metavar="key=value")
@@ -84,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("OMP_NUM_THREADS", "1")  # one-thread baselines (benchmarks.md)
             rows = run_kernel_benchmarks(sizes=args.sizes, repeats=args.repeats)
             print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+        elif args.command == "check":
+            from hpcfed.check import check_job
+
+            report = check_job(args.job, args.overrides)  # on every rank; no collective
+            from hpcfed.comm import world
+
+            if world().Get_rank() == 0:
+                print(report)
         elif args.command == "rundir":
             from hpcfed.config import load_job
 
@@ -95,45 +106,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from hpcfed.comm import world
-    from hpcfed.signals import StopFlag
+    """``run`` / ``resume`` through the Python API; its exceptions become exit codes. Every rank
+    of an mpirun raises at the same point (hpcfed.api), and only the reporting rank prints."""
+    from hpcfed import api
+    from hpcfed.errors import RankFailed
 
-    # First thing: a stop signal during start-up (imports, data loading) must not kill a rank;
-    # it is honoured at the first round boundary.
-    stop = StopFlag().install()
-    comm = world()
-    rank, size = comm.Get_rank(), comm.Get_size()
-    if size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        torch.set_num_threads(1)  # one rank per core; the launcher should also set OMP_NUM_THREADS=1
-
-    # Set-up: every rank parses, loads data and builds the model; errors are agreed on at the end.
-    run, error = None, None
     try:
-        run = _setup(args, comm, stop)
+        if args.command == "run":
+            result = api.run(args.job, args.overrides)
+        else:
+            result = api.resume(args.run_dir, args.overrides)
     except UserError as exc:
-        error = (2, str(exc))
-    except Exception:  # noqa: BLE001 - reported below, on every rank that hit it
-        error = (1, traceback.format_exc().rstrip())
-    errors = comm.allgather(error) if size > 1 else [error]
-    failed = [e for e in errors if e is not None]
-    if failed:
-        code, message = failed[0]
-        if rank == 0:
-            print(f"hpcfed: error: {message}" if code == 2 else message, file=sys.stderr)
-        return code
-
-    # The loop: an exception on one rank ends the whole job rather than hang the others.
-    try:
-        result = run.loop()
-    except UserError as exc:
-        return _abort(comm, 2, f"hpcfed: error: {exc}")
+        print(f"hpcfed: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except RankFailed as exc:  # another rank reported the error
+        return exc.exit_code
     except KeyboardInterrupt:
-        return _abort(comm, 130, "hpcfed: interrupted")
-    except Exception:  # noqa: BLE001
-        return _abort(comm, 1, traceback.format_exc().rstrip())
-    if rank == 0:
+        print("hpcfed: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception:  # noqa: BLE001 - a bug (often in user code): its traceback, once
+        print(traceback.format_exc().rstrip(), file=sys.stderr, flush=True)
+        return 1
+    from hpcfed.comm import world
+
+    if world().Get_rank() == 0:
         from hpcfed.info import describe
 
         if result.stopped_by:
@@ -141,48 +137,6 @@ def _train(args) -> int:
             print(f"hpcfed: resume with: hpcfed resume {result.run_dir}")
         print(describe(result.run_dir))
     return 0
-
-
-def _setup(args, comm, stop):
-    from hpcfed.config import load_job, parse_override, validate
-    from hpcfed.io.checkpoint import load_latest
-    from hpcfed.runner import Run, check_new_run_dir
-
-    if args.command == "run":
-        job = load_job(args.job, args.overrides)
-        check_new_run_dir(job.run_dir, comm)
-        run = Run(job, comm, job.run_dir, stop=stop)
-        run.create_files()
-        return run
-    run_dir = Path(args.run_dir)
-    config = run_dir / "config.toml"
-    if not config.is_file():
-        raise UserError(f"{config}: not found; is {run_dir} an hpcfed run folder?")
-    from hpcfed.config import read_toml
-
-    raw = read_toml(config)
-    for text in args.overrides:
-        path, value = parse_override(text)
-        if path != ["rounds"]:
-            raise UserError(f"override {text!r}: only rounds=N may change on resume")
-        raw["rounds"] = value
-    job = validate(raw, str(config))
-    ckpt = load_latest(run_dir)
-    run = Run(job, comm, run_dir, stop=stop)
-    run.restore(ckpt)
-    if comm.Get_rank() == 0 and args.overrides:
-        from hpcfed.config import to_toml
-
-        config.write_text(to_toml(job))
-    return run
-
-
-def _abort(comm, code: int, message: str) -> int:
-    print(message, file=sys.stderr, flush=True)
-    if comm.Get_size() > 1:
-        sys.stdout.flush()
-        comm.Abort(code)
-    return code
 
 
 if __name__ == "__main__":

@@ -124,6 +124,35 @@ def allreduce_sum(comm, values: np.ndarray) -> np.ndarray:
     return out
 
 
+def agreed(exc: BaseException) -> bool:
+    """Whether every rank is leaving with ``exc`` (or a RankFailed of it): nobody is left waiting."""
+    return getattr(exc, "hpcfed_agreed", False)
+
+
+def _agreed(exc: BaseException) -> BaseException:
+    exc.hpcfed_agreed = True
+    return exc
+
+
+def raise_together(comm, failure: BaseException | None, payload=None) -> list:
+    """Collective, called by every rank at the same point: ``failure`` is this rank's exception
+    or None. If any rank failed, every rank raises: the lowest failing rank its own exception
+    (it reports it: one traceback, or one error line), every other rank :class:`RankFailed`
+    naming it, with the exit code its error means (2 for a UserError, else 1). Otherwise returns
+    every rank's ``payload`` (one allgather; nothing is sent when there is one rank)."""
+    from hpcfed.errors import RankFailed, UserError
+
+    code = None if failure is None else (2 if isinstance(failure, UserError) else 1)
+    gathered = comm.allgather((code, payload)) if comm.Get_size() > 1 else [(code, payload)]
+    failed = [rank for rank, (c, _) in enumerate(gathered) if c is not None]
+    if not failed:
+        return [p for _, p in gathered]
+    first = failed[0]
+    if comm.Get_rank() == first:
+        raise _agreed(failure)
+    raise _agreed(RankFailed(first, gathered[first][0])) from failure
+
+
 def local_rank() -> int:
     """The rank on this node, from the launcher (SLURM or Open MPI or MPICH), else 0."""
     for var in ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):

@@ -14,12 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hpcfed import registry
+from hpcfed.errors import UserError
 
-class UserError(Exception):
-    """The user's input is wrong: the CLI prints the message on one line and exits 2."""
+__all__ = ["JobConfig", "UserError", "load_job", "validate"]
 
-
-ALGORITHMS = ("fedavg", "fedpt", "prism", "resfed", "superfed", "hadfl")
+# The built-in algorithms (their classes are behind hpcfed.registry, as user algorithms are).
+ALGORITHMS = tuple(registry.BUILTINS["algorithm"])
 
 
 class _Strict(BaseModel):
@@ -28,7 +29,10 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["digits", "synthetic", "h5", "mnist", "cifar10"] = "digits"
+    # a built-in (digits | synthetic | h5 | mnist | cifar10) or "module:load", called as
+    # load(seed, **options) -> hpcfed.FederatedData
+    dataset: str = "digits"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the dataset's loader
     partition: Literal["iid", "dirichlet", "classes", "natural"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
     classes_per_client: int = Field(2, ge=1)  # partition = "classes"
@@ -38,19 +42,28 @@ class DataConfig(_Strict):
     synthetic_alpha: float = Field(1.0, ge=0)  # LEAF Synthetic(alpha, beta)
     synthetic_beta: float = Field(1.0, ge=0)
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, v: str) -> str:
+        return registry.check_name("data.dataset", v)
+
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
         if self.dataset == "h5" and (self.path is None or self.test_path is None):
             raise ValueError("dataset 'h5' needs data.path and data.test_path")
         if self.dataset in ("mnist", "cifar10") and self.path is None:
             raise ValueError(f"dataset '{self.dataset}' needs data.path (a local torchvision root)")
-        if self.partition == "natural" and self.dataset not in ("h5", "synthetic"):
+        # (a user dataset's clients are known only once it is built: checked at start-up)
+        if self.partition == "natural" and self.dataset in ("digits", "mnist", "cifar10"):
             raise ValueError("partition 'natural' exists only for datasets 'h5' and 'synthetic'")
         return self
 
 
 class ModelConfig(_Strict):
-    name: Literal["mlp", "cnn", "resnet8", "resnet18", "elastic_mlp", "elastic_resnet"] = "mlp"
+    # a built-in (mlp | cnn | resnet8 | resnet18 | elastic_mlp | elastic_resnet) or "module:build",
+    # called as build(input_shape, num_classes, **options) -> torch.nn.Module
+    name: str = "mlp"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the model's builder
     hidden: list[int] = Field(default_factory=lambda: [128])  # mlp hidden widths
     # BatchNorm statistics do not average well across non-IID clients (and the methods'
     # authors disable BN), so ResNets default to GroupNorm; "batch" is there for comparison.
@@ -62,6 +75,11 @@ class ModelConfig(_Strict):
     # "smallest" | "largest" | a spec (TOML table or JSON text); resolved to a spec in the job
     subnet: str | dict[str, Any] | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return registry.check_name("model.name", v)
+
 
 class TrainConfig(_Strict):
     epochs: int = Field(1, ge=1)
@@ -69,6 +87,13 @@ class TrainConfig(_Strict):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    # "cross_entropy" | "mse" | "module:fn", called as fn(outputs, targets) -> scalar tensor (the mean)
+    loss: str = "cross_entropy"
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_name(cls, v: str) -> str:
+        return registry.check_name("train.loss", v)
 
 
 class FedAvgConfig(_Strict):
@@ -248,7 +273,7 @@ class RobustConfig(_Strict):
 
 class JobConfig(_Strict):
     name: str = "run"
-    algorithm: str
+    algorithm: str  # a built-in (ALGORITHMS) or "module:Class", a hpcfed.Strategy subclass
     seed: int = Field(0, ge=0)
     rounds: int = Field(50, ge=1)
     clients_per_round: int = Field(10, ge=1)
@@ -273,27 +298,35 @@ class JobConfig(_Strict):
     superfed: SuperFedConfig = Field(default_factory=SuperFedConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     robust: RobustConfig = Field(default_factory=RobustConfig)
+    # a user algorithm's own keys, validated by its class's ``Options`` model (if it has one)
+    strategy: dict[str, Any] = Field(default_factory=dict)
+    # the folder user modules are imported from besides sys.path: the job file's, recorded so that
+    # ``hpcfed resume RUN_DIR`` finds them from anywhere
+    job_dir: str | None = None
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_name(cls, v: str) -> str:
+        return registry.check_name("algorithm", v)
 
     @model_validator(mode="after")
     def _robust(self) -> JobConfig:
-        if not self.robust.active:
-            return self
-        # clipping and medians act on one update per client with one scalar weight; per-element
-        # weights (sub-models), residual streams and peer exchanges have no such update
-        if self.algorithm not in ROBUST_ALGORITHMS:
-            raise ValueError(
-                f"[robust] works with {', '.join(ROBUST_ALGORITHMS)}, not algorithm {self.algorithm!r}"
-            )
-        if self.dp is not None:  # DP clips already, and a median would void its sensitivity bound
+        if self.robust.active and self.dp is not None:
+            # DP clips already, and a median would void its sensitivity bound
             raise ValueError("[robust] and [dp] do not combine: DP clips each update itself (dp.clip)")
         return self
 
     @model_validator(mode="after")
-    def _fedpt_and_dp(self) -> JobConfig:
-        if self.algorithm == "fedpt" and self.fedpt.freeze is None and self.fedpt.trainable is None:
-            raise ValueError("algorithm 'fedpt' needs fedpt.freeze or fedpt.trainable")
-        if self.dp is not None and self.algorithm in ALGORITHMS and self.algorithm not in DP_ALGORITHMS:
-            raise ValueError(f"[dp] works with {', '.join(DP_ALGORITHMS)}, not algorithm {self.algorithm!r}")
+    def _strategy_keys(self) -> JobConfig:
+        # The algorithm's class checks what it takes ([dp], [robust], [strategy], its own table):
+        # resolved here, on load, so `hpcfed check` and a login node see every such error.
+        from hpcfed.algorithms.base import strategy_class  # lazy: algorithms import this module
+
+        registry.add_search_path(self.job_dir)
+        try:
+            strategy_class(self.algorithm).check_job(self)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @model_validator(mode="after")
@@ -308,14 +341,6 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-        # HADFL has no cohort: every device trains each cycle (hadfl.select_fraction picks pairs)
-        if self.clients_per_round > self.data.num_clients and self.algorithm != "hadfl":
-            raise ValueError(
-                f"clients_per_round ({self.clients_per_round}) exceeds "
-                f"data.num_clients ({self.data.num_clients})"
-            )
         if "/" in self.name or self.name in ("", ".", ".."):
             raise ValueError("name must be a plain folder name")
         return self
@@ -385,7 +410,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """The job file at ``path`` with dotted ``key=value`` overrides, validated; UserError if not."""
     raw = apply_overrides(read_toml(path), list(overrides))
+    # user modules are found beside the job file (an explicit job_dir, relative to it, wins)
+    folder = Path(path).resolve().parent
+    raw["job_dir"] = str((folder / raw["job_dir"]).resolve()) if isinstance(raw.get("job_dir"), str) else str(folder)
     where = f"{path}" + (" (with overrides)" if overrides else "")
     return validate(raw, where)
 

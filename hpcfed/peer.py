@@ -51,7 +51,7 @@ def peer_loop(run) -> RunResult:
     job, strategy, packed = run.job, run.strategy, run.packed
     t0 = time.perf_counter() - run.wall_offset
     bar = run._progress_bar()
-    accuracy = float("nan")
+    accuracy = loss = float("nan")
     rnd = run.start_round
     for rnd in range(run.start_round, job.rounds):
         total = strategy.run_cycle(run.state, rnd, packed, stop=bool(run.stop))
@@ -62,7 +62,7 @@ def peer_loop(run) -> RunResult:
         if evaluate or checkpoint:
             run.state["model"] = strategy.average_model()
         test_acc, test_loss = run.evaluate() if evaluate else (float("nan"), float("nan"))
-        accuracy = test_acc if evaluate else accuracy
+        accuracy, loss = (test_acc, test_loss) if evaluate else (accuracy, loss)
         wall = time.perf_counter() - t0
         if run.rank == 0:
             row = {
@@ -81,4 +81,4 @@ def peer_loop(run) -> RunResult:
             run.checkpoint(done, wall)
         if stopping:
             break
-    return run.finish(bar, rnd, accuracy)
+    return run.finish(bar, rnd, accuracy, loss)

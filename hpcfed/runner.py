@@ -9,6 +9,7 @@ same server step. Rank 0 alone prints and writes files.
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
 import warnings
@@ -18,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcfed import __version__
+from hpcfed import __version__, registry
 from hpcfed.algorithms import Update, make_strategy
-from hpcfed.comm import PackedAllreduce, allreduce_sum, choose_device, recv_arrays, send_arrays
+from hpcfed.comm import PackedAllreduce, allreduce_sum, choose_device, raise_together, recv_arrays, send_arrays
 from hpcfed.config import JobConfig, UserError, to_toml
 from hpcfed.data import load_federated
 from hpcfed.faults import FAULT_METRICS, Faults
@@ -32,15 +33,42 @@ from hpcfed.placement import assign, training_cost
 from hpcfed.rng import cohort
 from hpcfed.robust import RobustAggregation, is_finite
 from hpcfed.signals import StopFlag
-from hpcfed.train import evaluate_sums, local_work
+from hpcfed.train import evaluate_sums, job_loss, local_work
+
+# The job's references to code: built-in names or the user's "module:attribute" (hpcfed.registry).
+REFERENCE_KEYS = ("model.name", "data.dataset", "train.loss", "algorithm")
+
+
+def job_references(job: JobConfig) -> dict[str, str]:
+    return {
+        "model.name": job.model.name,
+        "data.dataset": job.data.dataset,
+        "train.loss": job.train.loss,
+        "algorithm": job.algorithm,
+    }
 
 
 @dataclass
 class RunResult:
+    """What :func:`hpcfed.run` returns (the same on every rank)."""
+
     run_dir: Path
     rounds_done: int
-    stopped_by: str | None
-    test_accuracy: float
+    stopped_by: str | None  # "SIGTERM", ...: stopped early, checkpointed; None: ran to the end
+    test_accuracy: float  # at the last evaluation (NaN for regression tasks)
+    test_loss: float = float("nan")  # at the last evaluation
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "log.h5"
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The newest checkpoint file (load its model with ``hpcfed.load_state_dict``)."""
+        from hpcfed.io.checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.run_dir)
+        return found[0] if found else None
 
 
 class Run:
@@ -53,18 +81,22 @@ class Run:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.progress = progress and self.rank == 0
         self.device = choose_device(job.device)
+        registry.add_search_path(job.job_dir)  # user modules beside the job file
+        self.loss = job_loss(job.train)  # resolved before any data is read: a bad reference fails fast
         self.data = load_federated(job.data, job.seed)
         torch.manual_seed(job.seed)  # the initial model is the same on every rank
         module = build_model(job.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.flat = FlatModel(module)
         self.strategy = make_strategy(job, self.flat, self.data, self.device, comm)
+        self.user_code = registry.user_code(job_references(job))  # files and hashes, for checkpoints
         self.state = self.strategy.init_state()
         # [faults] and the engine's update checks (hpcfed/faults.py, hpcfed/robust.py); their counts
         # ride on the round's Allreduce
         self.faults = Faults(job.faults, job.seed)
         self.robust = RobustAggregation(job.robust, comm)
         counts = {name: 1 for name in ("rejected_updates", *FAULT_METRICS)}
-        self.packed = PackedAllreduce(comm, {**self.strategy.layout(), **counts, "stop": 1})
+        # "failed": a rank whose client code raised; every rank then leaves together (raise_together)
+        self.packed = PackedAllreduce(comm, {**self.strategy.layout(), **counts, "stop": 1, "failed": 1})
         # this rank's contiguous shard of the test set: evaluation is split over ranks too
         x, y = self.data.test
         shard = np.array_split(np.arange(x.shape[0]), self.size)[self.rank]
@@ -121,14 +153,21 @@ class Run:
             "clients": clients,
             "history": self.log.history(),
         }
-        attrs = {**self.attrs(), "wall_time": wall}
+        attrs = {**self.attrs(), "wall_time": wall, "user_code": json.dumps(self.user_code)}
         save_checkpoint(self.run_dir, rounds_done, attrs, model, groups, self.job.checkpoint_keep)
 
     # -- evaluation (all ranks) -----------------------------------------------------------------
     def evaluate(self) -> tuple[float, float]:
+        """(test accuracy, test loss) of the global model; accuracy is NaN for regression."""
         self.flat.set(self.strategy.eval_vector(self.state))
-        correct, loss_sum, count = evaluate_sums(self.flat.module, self.test_x, self.test_y)
-        correct, loss_sum, count = allreduce_sum(self.comm, np.array([correct, loss_sum, count]))
+        failure, sums = None, (0.0, 0.0, 0)
+        try:  # the model is user code: a failure on one rank's shard must not strand the others
+            sums = evaluate_sums(self.flat.module, self.test_x, self.test_y, loss=self.loss)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            failure = exc
+        correct, loss_sum, count, failed = allreduce_sum(self.comm, np.array([*sums, failure is not None]))
+        if failed:
+            raise_together(self.comm, failure)
         return correct / count, loss_sum / count
 
     def evaluate_groups(self) -> dict[str, dict[str, np.ndarray]]:
@@ -145,7 +184,7 @@ class Run:
         job, strategy, packed = self.job, self.strategy, self.packed
         t0 = time.perf_counter() - self.wall_offset
         bar = self._progress_bar()
-        accuracy = float("nan")
+        accuracy = loss = float("nan")
         rnd = self.start_round
         for rnd in range(self.start_round, job.rounds):
             # 1. the cohort, from (seed, round): the same on every rank, no communication
@@ -155,12 +194,19 @@ class Run:
             mine = assign(clients, costs, self.size, strategy.placement)[self.rank]
             # 3. train them and sum their additive updates into the round's buffer
             packed.zero()
-            strategy.begin_round(self.state, rnd)
-            for cid in mine:
-                self._client(cid, rnd)
+            failure = None
+            try:  # client code may be the user's: a failure leaves with every rank (step 4)
+                strategy.begin_round(self.state, rnd)
+                for cid in mine:
+                    self._client(cid, rnd)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                failure = exc
             packed.view("stop")[0] = 1.0 if self.stop else 0.0
-            # 4. one Allreduce: updates, metric sums and the stop flag together
+            packed.view("failed")[0] = 1.0 if failure is not None else 0.0
+            # 4. one Allreduce: updates, metric sums, the stop and failure flags together
             total = packed.allreduce()
+            if total["failed"][0] > 0:
+                raise_together(self.comm, failure)
             # 5. the same server step on every rank
             update = self.robust.combine(Update(total["value"], total["weight"]))
             failed = total["dropped_clients"][0] + total["rejected_updates"][0]
@@ -172,7 +218,7 @@ class Run:
             evaluate = done % job.eval_every == 0 or done == job.rounds
             test_acc, test_loss = self.evaluate() if evaluate else (float("nan"), float("nan"))
             groups = self.evaluate_groups() if evaluate else {}
-            accuracy = test_acc if evaluate else accuracy
+            accuracy, loss = (test_acc, test_loss) if evaluate else (accuracy, loss)
             wall = time.perf_counter() - t0
             if self.rank == 0:
                 for name, values in groups.items():  # flushed with the row below
@@ -199,9 +245,14 @@ class Run:
                 self.checkpoint(done, wall)
             if stopping:
                 break
-        return self.finish(bar, rnd, accuracy)
+        return self.finish(bar, rnd, accuracy, loss)
 
-    def finish(self, bar, last_round: int, accuracy: float) -> RunResult:
+    def close(self) -> None:
+        """Whatever happened: the log's buffered rows reach the file (rank 0)."""
+        if self.log is not None:
+            self.log.flush()
+
+    def finish(self, bar, last_round: int, accuracy: float, loss: float = float("nan")) -> RunResult:
         """After the loop (either loop): flush the log, close the bar, say why it stopped."""
         if self.rank == 0:
             self.log.flush()
@@ -210,7 +261,7 @@ class Run:
         stopped = self.stop.received or (
             "signal on another rank" if last_round + 1 < self.job.rounds else None
         )
-        return RunResult(self.run_dir, last_round + 1, stopped, accuracy)
+        return RunResult(self.run_dir, last_round + 1, stopped, accuracy, loss)
 
     def _client(self, cid: int, rnd: int) -> None:
         """Train one client as its [faults] fate says, and add its update to the round's buffer."""

@@ -25,6 +25,17 @@ class StopFlag:
         self.received = signal.Signals(signum).name
 
     def install(self) -> StopFlag:
+        """Handle the stop signals (main thread only: elsewhere Python cannot, and the run simply
+        has no signal handling); :meth:`restore` puts the previous handlers back."""
+        self._previous = {}
         for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                break
         return self
+
+    def restore(self) -> None:
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}

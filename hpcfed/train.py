@@ -12,9 +12,10 @@ import math
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
+from hpcfed import registry
 from hpcfed.config import TrainConfig
+from hpcfed.losses import cross_entropy
 
 # The share of its local steps the client being trained completes ([faults] slow_prob: a straggler).
 # The engine sets it around ``client_update``, so every algorithm's local training honours it
@@ -92,6 +93,7 @@ class LocalSGD:
         self, model: torch.nn.Module, cfg: TrainConfig, params: list[torch.nn.Parameter] | None = None
     ):
         self.model, self.cfg = model, cfg
+        self.loss = job_loss(cfg)
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         self.opt = SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -139,7 +141,7 @@ class LocalSGD:
                     break
                 idx = order[start : start + cfg.batch_size]
                 opt.zero_grad()
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = self.loss(model(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
                 # accumulate on the device: one host sync per client, not one per step
@@ -150,19 +152,32 @@ class LocalSGD:
         return float(total), samples, done
 
 
+def job_loss(cfg: TrainConfig):
+    """The callable ``train.loss`` names: ``fn(outputs, targets) -> scalar`` (UserError if not)."""
+    return registry.resolve_callable("train.loss", cfg.loss)
+
+
+def is_classification(y: torch.Tensor) -> bool:
+    """Integer targets are class indices: accuracy is defined. Float targets are regression."""
+    return not y.is_floating_point()
+
+
 @torch.inference_mode()
 def evaluate_sums(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024, loss=cross_entropy
 ) -> tuple[float, float, int]:
-    """(number correct, summed cross-entropy, count) on one shard of the test set."""
+    """(number correct, summed loss, count) on one shard of the test set; the number correct is
+    NaN for regression targets (float ``y``), so the accuracy it gives is NaN too."""
     model.eval()
-    correct = 0.0
+    correct = 0.0 if is_classification(y) else float("nan")
     loss_sum = 0.0
     device = next(model.parameters()).device
+    batch_sum = getattr(loss, "sum", None)  # the loss's own summed form, else mean x batch size
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(device)
         yb = y[start : start + batch_size].to(device)
         logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += float((logits.argmax(1) == yb).sum())
+        loss_sum += float(batch_sum(logits, yb) if batch_sum else loss(logits, yb) * yb.shape[0])
+        if is_classification(yb):
+            correct += float((logits.argmax(-1) == yb).sum())
     return correct, loss_sum, int(x.shape[0])

@@ -1,27 +1,29 @@
-"""One module per algorithm; ``make_strategy`` picks the job's."""
+"""One module per algorithm; ``make_strategy`` builds the job's through the registry.
 
-import importlib
+The built-in classes are imported only when chosen, so a run loads one algorithm's dependencies
+(ResFed's entropy coder, PriSM's profiler, ...). ``FedAvg`` is importable here for subclassing.
+"""
 
-from hpcfed.algorithms.base import Strategy, Update
+from hpcfed.algorithms.base import Strategy, Update, strategy_class
+from hpcfed.registry import BUILTINS
 
-# algorithm name -> (module under hpcfed.algorithms, Strategy class); imported only when chosen, so
-# a run loads one algorithm's dependencies (ResFed's entropy coder, PriSM's profiler, ...)
-STRATEGIES = {
-    "fedavg": ("fedavg", "FedAvg"),
-    "fedpt": ("fedpt", "FedPT"),
-    "prism": ("prism", "Prism"),
-    "resfed": ("resfed", "ResFed"),
-    "hadfl": ("hadfl", "HADFL"),
-    "superfed": ("superfed", "SuperFed"),
-}
+# algorithm name -> "module:Class" (the registry's table; kept under this name for readers)
+STRATEGIES = {name: entry.target for name, entry in BUILTINS["algorithm"].items()}
 
 
 def make_strategy(job, flat, data, device, comm) -> Strategy:
-    if job.algorithm not in STRATEGIES:  # config validation catches this first
-        raise ValueError(f"unknown algorithm {job.algorithm!r}")
-    module, name = STRATEGIES[job.algorithm]
-    cls = getattr(importlib.import_module(f"hpcfed.algorithms.{module}"), name)
-    return cls(job, flat, data, device, comm)
+    return strategy_class(job.algorithm)(job, flat, data, device, comm)
 
 
-__all__ = ["STRATEGIES", "Strategy", "Update", "make_strategy"]
+def __getattr__(name: str):
+    # hpcfed.algorithms.FedAvg etc. without importing every algorithm up front
+    for entry in BUILTINS["algorithm"].values():
+        module, _, cls = entry.target.partition(":")
+        if cls == name:
+            import importlib
+
+            return getattr(importlib.import_module(module), cls)
+    raise AttributeError(f"module 'hpcfed.algorithms' has no attribute {name!r}")
+
+
+__all__ = ["STRATEGIES", "Strategy", "Update", "make_strategy", "strategy_class"]

@@ -10,11 +10,20 @@ a round into one buffer without per-tensor loops, and slices of a model are inde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from hpcfed.config import JobConfig
+from hpcfed import registry
+from hpcfed.errors import UserError
 from hpcfed.flat import FlatModel
+
+if TYPE_CHECKING:  # config imports this module lazily, to let each class check its own keys
+    from pydantic import BaseModel
+
+    from hpcfed.config import JobConfig
+    from hpcfed.train import LocalSGD
 
 # Metric sums every algorithm reports per client; they ride on the round's Allreduce.
 BASE_METRICS = ("loss_sum", "samples", "bytes_up", "bytes_down")
@@ -28,15 +37,26 @@ class Update:
 
 
 class Strategy:
-    """One federated algorithm. Subclasses live one per module under ``hpcfed/algorithms``.
+    """One federated algorithm: the built-ins, one per module under ``hpcfed/algorithms``, and
+    user algorithms (``algorithm = "mylab.algos:MyStrategy"``) alike. docs/algorithms.md says how
+    the engine drives it; the methods below are the whole contract.
 
     State is explicit (architecture principle 6): the replicated server state is a dict of NumPy
     arrays (``"model"`` is the flat float32 global model), so a checkpoint is its serialisation.
+    Every rank holds it and runs the same server step; a client's ``client_update`` runs on one
+    rank and returns an additive :class:`Update`.
     """
 
     name = "base"
     per_element_weights = False  # True when clients train overlapping slices
     extra_metrics: tuple[str, ...] = ()  # further per-client sums this algorithm reports
+    # What the engine may combine with this algorithm (checked when the job is loaded):
+    supports_dp: ClassVar[bool] = False  # implements [dp] (clipping + noise) itself
+    supports_robust: ClassVar[bool] = False  # one scalar-weighted update per client: [robust] applies
+    uses_cohort: ClassVar[bool] = True  # samples clients_per_round of data.num_clients each round
+    # The keys of the job's [strategy] table: a pydantic model (unknown keys are errors); None
+    # takes the table as a plain dict.
+    Options: ClassVar[type[BaseModel] | None] = None
 
     def __init__(self, job: JobConfig, flat: FlatModel, data, device, comm):
         self.job = job
@@ -44,6 +64,74 @@ class Strategy:
         self.data = data
         self.device = device
         self.comm = comm
+        self.options = type(self).parse_options(job.strategy)  # the validated [strategy] table
+
+    # -- the job's keys, checked on load (before any data or model exists) -----------------------
+    @classmethod
+    def check_job(cls, job: JobConfig) -> None:
+        """Raise :class:`UserError` naming the key if this algorithm cannot run ``job``.
+        Subclasses extend it with their own checks (calling ``super().check_job(job)``)."""
+        if job.dp is not None and not cls.supports_dp:
+            raise UserError(
+                f"[dp] works with fedavg, fedpt (strategies with supports_dp), not algorithm {job.algorithm!r}"
+            )
+        if job.robust.active and not cls.supports_robust:
+            # clipping and medians act on one update per client with one scalar weight; per-element
+            # weights (sub-models), residual streams and peer exchanges have no such update
+            raise UserError(
+                "[robust] works with fedavg, fedpt (strategies with supports_robust), "
+                f"not algorithm {job.algorithm!r}"
+            )
+        if cls.uses_cohort and job.clients_per_round > job.data.num_clients:
+            raise UserError(
+                f"clients_per_round ({job.clients_per_round}) exceeds data.num_clients ({job.data.num_clients})"
+            )
+        if job.strategy and cls.Options is None and registry.builtin("algorithm", job.algorithm):
+            raise UserError(
+                f"strategy: the [strategy] table holds a user algorithm's keys; algorithm "
+                f"{job.algorithm!r} takes its own [{job.algorithm}] table"
+            )
+        cls.parse_options(job.strategy)
+
+    @classmethod
+    def parse_options(cls, table: dict[str, Any]) -> Any:
+        """The ``[strategy]`` table validated by :attr:`Options` (or the dict itself without one)."""
+        if cls.Options is None:
+            return dict(table)
+        from pydantic import ValidationError
+
+        known = set(cls.Options.model_fields)
+        for key in table:
+            if key not in known:
+                raise UserError(
+                    f"strategy.{key}: unknown key for {cls.__name__} (its options: {', '.join(sorted(known))})"
+                )
+        try:
+            return cls.Options.model_validate(table)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in ("strategy", *err["loc"]))
+            raise UserError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+    # -- local training, for any strategy --------------------------------------------------------
+    @cached_property
+    def trainer(self) -> LocalSGD:
+        """Local SGD on the job's ``[train]`` keys over the model's trainable parameters."""
+        from hpcfed.train import LocalSGD
+
+        return LocalSGD(self.flat.module, self.job.train)
+
+    def train_client(self, client_id: int, round_index: int) -> tuple[float, int, int]:
+        """Train ``self.flat.module`` in place, from whatever it holds, on client ``client_id``'s
+        data in the order of its own generator (seed, round, client); returns (mean training loss,
+        steps, samples). Load the start point first (``self.flat.set(vector)``)."""
+        from hpcfed.rng import torch_generator
+
+        x, y = self.data.client(client_id)
+        x, y = x.to(self.device), y.to(self.device)
+        gen = torch_generator(self.job.seed, "train", round_index, client_id)
+        loss, steps = self.trainer.train(x, y, gen)
+        return loss, steps, int(y.shape[0])
 
     @property
     def placement(self) -> str:
@@ -106,6 +194,16 @@ class Strategy:
         sizes = {"value": p, "weight": p if self.per_element_weights else 1}
         sizes.update({m: 1 for m in (*BASE_METRICS, *self.extra_metrics)})
         return sizes
+
+
+def strategy_class(value: str) -> type[Strategy]:
+    """The Strategy subclass ``algorithm = value`` names (a built-in or ``"module:Class"``)."""
+    cls = registry.resolve("algorithm", value)
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise UserError(
+            f"algorithm = {value!r}: expected a subclass of hpcfed.Strategy, got {type(cls).__name__} {cls!r}"
+        )
+    return cls
 
 
 def weighted_mean(total: Update, old: np.ndarray) -> np.ndarray:

@@ -20,12 +20,15 @@ from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.algorithms.compression import Compression
 from hpcfed.algorithms.dp import DP_METRICS, make_dp
 from hpcfed.codecs import IdentityCodec
-from hpcfed.rng import torch_generator
-from hpcfed.train import LocalSGD
 
 
 class FedAvg(Strategy):
+    """Subclass it for a variant: override :meth:`aggregate` (the average client delta the server
+    steps with) or :meth:`server_update`/:meth:`client_update` (docs/algorithms.md)."""
+
     name = "fedavg"
+    supports_dp = True
+    supports_robust = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -33,7 +36,6 @@ class FedAvg(Strategy):
         self.compression = Compression(self.job.compress, self.job.seed, self.data_clients())
         self._down: bytes = b""
         self._down_len = 0
-        self.trainer = LocalSGD(self.flat.module, self.job.train)  # the params that require grad
         self.dp = make_dp(self.job, self.data_clients(), self.comm)  # None without a [dp] table
         if self.dp is not None:
             self.extra_metrics = (*self.extra_metrics, *DP_METRICS)
@@ -78,14 +80,11 @@ class FedAvg(Strategy):
     def client_update(self, state, client_id, round_index) -> Update:
         received, _ = self.codec.decode(self._down, {})
         self.load_part(received)
-        x, y = self.data.client(client_id)
-        x, y = x.to(self.device), y.to(self.device)
-        gen = torch_generator(self.job.seed, "train", round_index, client_id)
-        loss, _ = self.trainer.train(x, y, gen)
+        loss, _, samples = self.train_client(client_id, round_index)  # the params that require grad
         delta = self.read_part() - received
         # what the server really has: the decoded bytes
         up, decoded = self.compression.send_up(client_id, round_index, delta)
-        n = float(y.shape[0])
+        n = float(samples)
         metrics = {"loss_sum": loss * n, "samples": n, "bytes_up": len(up), "bytes_down": self._down_len}
         if self.dp is None:
             return Update(value=decoded.astype(np.float64) * n, weight=n, metrics=metrics)
@@ -94,12 +93,15 @@ class FedAvg(Strategy):
         metrics["clipped_updates"] = float(was_clipped)
         return Update(value=clipped, weight=1.0, metrics=metrics)
 
+    def aggregate(self, total: Update, round_index: int) -> np.ndarray:
+        """The round's average client delta (float64), before the server optimiser."""
+        if self.dp is None:
+            return weighted_mean(total, np.zeros(total.value.size))  # 0 if nobody reported
+        return self.dp.average(total.value, round_index)  # (clipped sum + noise) / cohort
+
     def server_update(self, state, total: Update, round_index):
         old = self.part(state["model"])
-        if self.dp is None:
-            step = weighted_mean(total, np.zeros(old.size))  # average delta; 0 if nobody reported
-        else:
-            step = self.dp.average(total.value, round_index)  # (clipped sum + noise) / cohort
+        step = self.aggregate(total, round_index)
         cfg = self.job.fedavg
         if cfg.server_optimizer == "adam":
             state["adam_m"] = cfg.beta1 * state["adam_m"] + (1 - cfg.beta1) * step

@@ -73,6 +73,12 @@ def select_trainable(flat: FlatModel, cfg: FedPTConfig) -> list[str]:
 class FedPT(FedAvg):
     name = "fedpt"
 
+    @classmethod
+    def check_job(cls, job) -> None:
+        super().check_job(job)
+        if job.fedpt.freeze is None and job.fedpt.trainable is None:
+            raise UserError("algorithm 'fedpt' needs fedpt.freeze or fedpt.trainable")
+
     def __init__(self, job, flat: FlatModel, data, device, comm):
         self.trainable_names = select_trainable(flat, job.fedpt)
         keep = set(self.trainable_names)

@@ -143,6 +143,7 @@ class HADFL(Strategy):
 
     name = "hadfl"
     decentralized = True  # Run.loop hands over to hpcfed.peer.peer_loop
+    uses_cohort = False  # every device trains each cycle (hadfl.select_fraction picks pairs)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -88,3 +88,11 @@ def load(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     X_tr = ((X_tr - mean) / std).astype(np.float32)
     X_te = ((X_te - mean) / std).astype(np.float32)
     return X_tr, y_tr.astype(np.int64), X_te, y_te.astype(np.int64)
+
+
+def load_federated(seed: int):
+    """``data.dataset = "digits"``: the pooled split, for ``data.partition`` to divide."""
+    from hpcfed.data.federated import FederatedData
+
+    X_tr, y_tr, X_te, y_te = load(seed)
+    return FederatedData.pooled(train=(X_tr, y_tr), test=(X_te, y_te), num_classes=NUM_CLASSES, name="digits")

@@ -201,3 +201,25 @@ def check_compatible(train: H5Clients, test: H5Clients) -> None:
             f"data.test_path = {test.path}: '{test.input_key}' samples of shape {test.sample_shape}; "
             f"expected '{train.input_key}' of shape {train.sample_shape} as in data.path"
         )
+
+
+def load_federated(seed: int, path: str, test_path: str, num_clients: int, partition: str):
+    """``data.dataset = "h5"``: the file's clients, read lazily; for ``partition = "natural"``
+    only the first ``num_clients`` (by sorted id) are even scanned, otherwise all are pooled."""
+    from hpcfed.data.federated import FederatedData, as_tensors
+
+    natural = partition == "natural"
+    train = H5Clients(path, "data.path", limit=num_clients if natural else None)
+    test = H5Clients(test_path, "data.test_path")
+    check_compatible(train, test)
+    k = num_classes(train, test)
+    train.label_limit = test.label_limit = k
+    if not natural:  # pool every train client (read once, here), then data.partition splits it
+        X, y = train.read_all()
+        train.close()
+        return FederatedData.pooled(train=(X, y), test=test.read_all(), num_classes=k, name="h5")
+    return FederatedData(
+        name="h5", num_classes=k, input_shape=train.input_shape, client_sizes=train.sizes,
+        load_client=lambda cid: as_tensors(*train.read(cid)), load_test=lambda: as_tensors(*test.read_all()),
+        kind="lazy",
+    )  # fmt: skip

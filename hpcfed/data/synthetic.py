@@ -97,3 +97,20 @@ class SyntheticUsers:
         """Every user's train part, concatenated in user order (for the non-natural partitions)."""
         parts = [self.train(k) for k in range(self.num_users)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# Lazy clients kept in memory: enough for every client of a small job, bounded for a huge one
+# (synthetic clients hold at most 1,000 x 60 float32 = 240 kB).
+LAZY_CACHE_CLIENTS = 256
+
+
+def load_federated(seed: int, num_clients: int = 30, synthetic_alpha: float = 1.0, synthetic_beta: float = 1.0):
+    """``data.dataset = "synthetic"``: ``num_clients`` users generated on demand (the natural
+    partition); another ``data.partition`` pools their training parts, in user order."""
+    from hpcfed.data.federated import FederatedData
+
+    users = SyntheticUsers(num_clients, synthetic_alpha, synthetic_beta, seed)
+    return FederatedData.lazy(
+        sizes=users.train_sizes, read_client=users.train, test=users.test, input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES, cache_clients=LAZY_CACHE_CLIENTS, name="synthetic",
+    )  # fmt: skip

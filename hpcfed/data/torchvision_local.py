@@ -208,3 +208,22 @@ def load_cifar10(path: str | None) -> Arrays:
             raise UserError(f"{folder}: labels outside 0..{NUM_CLASSES - 1}")
         out += [data.reshape(-1, 3, 32, 32), labels]  # R, G, B planes: already channels first
     return tuple(out)
+
+
+def _pooled(name: str, arrays: Arrays, to_input):
+    from hpcfed.data.federated import FederatedData
+
+    X_tr, y_tr, X_te, y_te = arrays
+    return FederatedData.pooled(
+        train=(X_tr, y_tr), test=(X_te, y_te), num_classes=NUM_CLASSES, transform=to_input, name=name
+    )
+
+
+def load_mnist_federated(seed: int, path: str | None = None):
+    """``data.dataset = "mnist"``: the pooled training set (uint8 until split), ``data.path`` the root."""
+    return _pooled("mnist", load_mnist(path), mnist_inputs)
+
+
+def load_cifar10_federated(seed: int, path: str | None = None):
+    """``data.dataset = "cifar10"``: the pooled training set (uint8 until split), ``data.path`` the root."""
+    return _pooled("cifar10", load_cifar10(path), cifar10_inputs)

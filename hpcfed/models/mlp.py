@@ -14,6 +14,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hpcfed.errors import UserError
+
+
+def build(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,)) -> MLP:
+    """``model.name = "mlp"``: hidden widths from ``model.hidden``."""
+    if any(w < 1 for w in hidden):
+        raise UserError(f"model.hidden: widths must be positive integers (got {list(hidden)})")
+    return MLP(input_shape, hidden, num_classes)
+
 
 class MLP(nn.Module):
     def __init__(self, input_shape: Sequence[int], hidden: Sequence[int], num_classes: int) -> None:

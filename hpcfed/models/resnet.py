@@ -133,3 +133,11 @@ def build_resnet(name: str, input_shape: tuple[int, ...], num_classes: int, norm
     shape = image_shape(name, input_shape)
     blocks, channels = ARCHITECTURES[name]
     return ResNet(shape, num_classes, blocks, channels, norm)
+
+
+def build_resnet8(input_shape: tuple[int, ...], num_classes: int, norm: str = "group") -> ResNet:
+    return build_resnet("resnet8", input_shape, num_classes, norm)
+
+
+def build_resnet18(input_shape: tuple[int, ...], num_classes: int, norm: str = "group") -> ResNet:
+    return build_resnet("resnet18", input_shape, num_classes, norm)
