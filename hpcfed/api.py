@@ -46,7 +46,9 @@ def _job(job: str | os.PathLike | JobConfig, overrides: Sequence[str]) -> JobCon
     raise TypeError(f"hpcfed.run: job must be a path or a JobConfig, not {type(job).__name__}")
 
 
-def run(job: str | os.PathLike | JobConfig, overrides: Sequence[str] = (), *, comm=None, progress: bool = True):
+def run(
+    job: str | os.PathLike | JobConfig, overrides: Sequence[str] = (), *, comm=None, progress: bool = True
+):
     """Run a job (a TOML path or a :class:`JobConfig`) to the end or to a stop signal.
 
     ``comm`` is an mpi4py communicator (``MPI.COMM_WORLD`` by default; a sub-communicator runs
@@ -134,7 +136,11 @@ def _execute(make_run, comm):
             failure, digest = exc, None
         digests = raise_together(comm, failure, digest)
         if len(set(digests)) > 1:
+            from hpcfed.errors import RankFailed
+
             odd = next(r for r, d in enumerate(digests) if d != digests[0])
+            if comm.Get_rank() != 0:  # rank 0 reports
+                raise RankFailed(0, 2)
             raise UserError(
                 f"data.dataset = {instance.job.data.dataset!r}: ranks 0 and {odd} built different datasets; "
                 "a dataset must be a pure function of (seed, data.options): seed every random choice "
@@ -145,12 +151,16 @@ def _execute(make_run, comm):
         except BaseException as exc:
             if size > 1 and not agreed(exc):
                 # the other ranks cannot know: end the job rather than leave them waiting
-                message = "hpcfed: interrupted" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
+                message = (
+                    "hpcfed: interrupted" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
+                )
                 if isinstance(exc, UserError):
                     message = f"hpcfed: error: {exc}"
                 print(message.rstrip(), file=sys.stderr, flush=True)
                 sys.stdout.flush()
-                comm.Abort(130 if isinstance(exc, KeyboardInterrupt) else 2 if isinstance(exc, UserError) else 1)
+                comm.Abort(
+                    130 if isinstance(exc, KeyboardInterrupt) else 2 if isinstance(exc, UserError) else 1
+                )
             raise
         finally:
             instance.close()

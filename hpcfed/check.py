@@ -19,6 +19,7 @@ from hpcfed.errors import UserError
 def check_job(path: str, overrides: Sequence[str] = ()) -> str:
     """A summary of the checked job, or UserError naming what is wrong."""
     import torch
+    from mpi4py import MPI
 
     from hpcfed import registry
     from hpcfed.algorithms import make_strategy
@@ -29,8 +30,6 @@ def check_job(path: str, overrides: Sequence[str] = ()) -> str:
     from hpcfed.models import build_model
     from hpcfed.runner import job_references
     from hpcfed.train import evaluate_sums, job_loss
-
-    from mpi4py import MPI
 
     job = load_job(path, list(overrides))
     registry.add_search_path(job.job_dir)
@@ -56,7 +55,7 @@ def check_job(path: str, overrides: Sequence[str] = ()) -> str:
             )
         value.backward()
         tx, ty = data.test
-        evaluate_sums(model, tx[:batch.stop], ty[:batch.stop], loss=loss)
+        evaluate_sums(model, tx[: batch.stop], ty[: batch.stop], loss=loss)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the shapes do not fit: name the keys involved

@@ -414,7 +414,9 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     raw = apply_overrides(read_toml(path), list(overrides))
     # user modules are found beside the job file (an explicit job_dir, relative to it, wins)
     folder = Path(path).resolve().parent
-    raw["job_dir"] = str((folder / raw["job_dir"]).resolve()) if isinstance(raw.get("job_dir"), str) else str(folder)
+    raw["job_dir"] = (
+        str((folder / raw["job_dir"]).resolve()) if isinstance(raw.get("job_dir"), str) else str(folder)
+    )
     where = f"{path}" + (" (with overrides)" if overrides else "")
     return validate(raw, where)
 

@@ -86,7 +86,9 @@ def check_name(key: str, value: str) -> str:
     if value in BUILTINS[key] or is_reference(value):
         return value
     names = ", ".join(BUILTINS[key])
-    raise ValueError(f"unknown {key.split('.')[-1]} {value!r}; expected one of {names}, or 'module:attribute'")
+    raise ValueError(
+        f"unknown {key.split('.')[-1]} {value!r}; expected one of {names}, or 'module:attribute'"
+    )
 
 
 # --------------------------------------------------------------------------- import
@@ -160,14 +162,22 @@ def _has_path(obj: Any, attr_path: str) -> bool:
 def resolve_callable(key: str, value: str) -> Any:
     target = resolve(key, value)
     if not callable(target):
-        raise UserError(f"{key} = {value!r}: {type(target).__name__} object is not callable; expected a function")
+        raise UserError(
+            f"{key} = {value!r}: {type(target).__name__} object is not callable; expected a function"
+        )
     return target
 
 
-def forget(reference: str) -> None:
-    """Drop a cached resolution (tests that rewrite a user module)."""
-    _RESOLVED.pop(reference, None)
-    _USER_MODULES.pop(reference, None)
+def forget_user_code() -> None:
+    """Forget every user resolution and unload the user modules, so the next resolve imports
+    them afresh (one process running jobs whose folders hold different modules of one name)."""
+    for reference, module in list(_USER_MODULES.items()):
+        _RESOLVED.pop(reference, None)
+        top = module.split(".")[0]
+        for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            if top != "__main__":
+                del sys.modules[name]
+    _USER_MODULES.clear()
 
 
 def user_code(references: dict[str, str]) -> dict[str, dict[str, str]]:

@@ -21,7 +21,14 @@ import torch
 
 from hpcfed import __version__, registry
 from hpcfed.algorithms import Update, make_strategy
-from hpcfed.comm import PackedAllreduce, allreduce_sum, choose_device, raise_together, recv_arrays, send_arrays
+from hpcfed.comm import (
+    PackedAllreduce,
+    allreduce_sum,
+    choose_device,
+    raise_together,
+    recv_arrays,
+    send_arrays,
+)
 from hpcfed.config import JobConfig, UserError, to_toml
 from hpcfed.data import load_federated
 from hpcfed.faults import FAULT_METRICS, Faults

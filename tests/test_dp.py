@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import hpcfed.config as config
 from hpcfed.algorithms.dp import DifferentialPrivacy, clip_l2
 from hpcfed.comm import world
 from hpcfed.config import DPConfig, UserError, load_job
@@ -96,7 +95,7 @@ def test_epsilon_equals_dp_accounting():
 # --------------------------------------------------------------------------- config
 
 
-def test_dp_config_errors(monkeypatch):
+def test_dp_config_errors():
     with pytest.raises(UserError, match="dp.clip"):
         load_job(QUICKSTART, ["dp.clip=0"])
     with pytest.raises(UserError, match="dp.delta"):
@@ -105,10 +104,9 @@ def test_dp_config_errors(monkeypatch):
         load_job(QUICKSTART, ["dp.sigma=1.0"])
     assert load_job(QUICKSTART, []).dp is None  # no [dp] table: no DP
     assert load_job(QUICKSTART, ["dp.clip=2.0"]).dp.noise_multiplier == 1.0
-    # an algorithm without DP support is refused by name
-    monkeypatch.setattr(config, "ALGORITHMS", (*config.ALGORITHMS, "nodp"))
-    with pytest.raises(UserError, match=r"\[dp\] works with fedavg, fedpt, not algorithm 'nodp'"):
-        load_job(QUICKSTART, ["algorithm=nodp", "dp.clip=1.0"])
+    # an algorithm without DP support is refused by name (its class says supports_dp = False)
+    with pytest.raises(UserError, match=r"\[dp\] works with fedavg, fedpt .*not algorithm 'prism'"):
+        load_job(QUICKSTART, ["algorithm=prism", "dp.clip=1.0"])
 
 
 # --------------------------------------------------------------------------- in the engine

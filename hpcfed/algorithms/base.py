@@ -73,7 +73,8 @@ class Strategy:
         Subclasses extend it with their own checks (calling ``super().check_job(job)``)."""
         if job.dp is not None and not cls.supports_dp:
             raise UserError(
-                f"[dp] works with fedavg, fedpt (strategies with supports_dp), not algorithm {job.algorithm!r}"
+                "[dp] works with fedavg, fedpt (strategies with supports_dp), "
+                f"not algorithm {job.algorithm!r}"
             )
         if job.robust.active and not cls.supports_robust:
             # clipping and medians act on one update per client with one scalar weight; per-element
@@ -84,7 +85,8 @@ class Strategy:
             )
         if cls.uses_cohort and job.clients_per_round > job.data.num_clients:
             raise UserError(
-                f"clients_per_round ({job.clients_per_round}) exceeds data.num_clients ({job.data.num_clients})"
+                f"clients_per_round ({job.clients_per_round}) exceeds "
+                f"data.num_clients ({job.data.num_clients})"
             )
         if job.strategy and cls.Options is None and registry.builtin("algorithm", job.algorithm):
             raise UserError(
@@ -104,7 +106,8 @@ class Strategy:
         for key in table:
             if key not in known:
                 raise UserError(
-                    f"strategy.{key}: unknown key for {cls.__name__} (its options: {', '.join(sorted(known))})"
+                    f"strategy.{key}: unknown key for {cls.__name__} "
+                    f"(its options: {', '.join(sorted(known))})"
                 )
         try:
             return cls.Options.model_validate(table)

@@ -39,7 +39,9 @@ def dataset_options(cfg: DataConfig) -> dict[str, Any]:
     own = {key: getattr(cfg, key) for key in (entry.keys if entry else ())}
     for key in cfg.options:
         if key in own:
-            raise UserError(f"data.options.{key}: set data.{key} instead (a key of the built-in {cfg.dataset!r})")
+            raise UserError(
+                f"data.options.{key}: set data.{key} instead (a key of the built-in {cfg.dataset!r})"
+            )
     return {**own, **cfg.options}
 
 
@@ -50,8 +52,8 @@ def build_source(cfg: DataConfig, seed: int) -> FederatedData:
     source = load(seed, **options)
     if not isinstance(source, FederatedData):
         raise UserError(
-            f"data.dataset = {cfg.dataset!r}: returned {type(source).__name__}; expected a hpcfed.FederatedData "
-            "(FederatedData.pooled, .from_clients or .lazy)"
+            f"data.dataset = {cfg.dataset!r}: returned {type(source).__name__}; expected a "
+            "hpcfed.FederatedData (FederatedData.pooled, .from_clients or .lazy)"
         )
     return source
 

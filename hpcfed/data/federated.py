@@ -50,7 +50,9 @@ def _check_pair(pair: Any, what: str) -> tuple[Any, Any]:
         if not hasattr(a, "shape") or len(a.shape) < 1:
             raise UserError(f"{what}: {name} must be a NumPy array or tensor with one sample per row")
     if x.shape[0] != y.shape[0]:
-        raise UserError(f"{what}: x has {x.shape[0]} rows but y has {y.shape[0]}; expected one target per sample")
+        raise UserError(
+            f"{what}: x has {x.shape[0]} rows but y has {y.shape[0]}; expected one target per sample"
+        )
     return x, y
 
 
@@ -126,7 +128,9 @@ class FederatedData:
         label-based partitions (dirichlet, classes); iid takes any targets."""
         x, y = _check_pair(train, "FederatedData.pooled(train=...)")
         tx, ty = _check_pair(test, "FederatedData.pooled(test=...)")
-        x, y, tx, ty = (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in (x, y, tx, ty))
+        x, y, tx, ty = (
+            a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in (x, y, tx, ty)
+        )
         k = _infer_classes([y, ty], num_classes, "FederatedData.pooled")
         convert = transform or (lambda a: a)
         test_pair = as_tensors(convert(tx), ty)
@@ -147,13 +151,20 @@ class FederatedData:
     ) -> FederatedData:
         """The clients themselves, ``[(x, y), ...]`` in client-id order (the natural partition)."""
         if not isinstance(clients, Sequence) or not clients:
-            raise UserError("FederatedData.from_clients(clients=...): expected a non-empty list of (x, y) pairs")
-        pairs = [as_tensors(*_check_pair(c, f"FederatedData.from_clients: client {i}")) for i, c in enumerate(clients)]
+            raise UserError(
+                "FederatedData.from_clients(clients=...): expected a non-empty list of (x, y) pairs"
+            )
+        pairs = [
+            as_tensors(*_check_pair(c, f"FederatedData.from_clients: client {i}"))
+            for i, c in enumerate(clients)
+        ]
         test_pair = as_tensors(*_check_pair(test, "FederatedData.from_clients(test=...)"))
         shapes = {tuple(x.shape[1:]) for x, _ in pairs} | {tuple(test_pair[0].shape[1:])}
         if len(shapes) > 1:
             raise UserError(f"FederatedData.from_clients: samples of different shapes {sorted(shapes)}")
-        k = _infer_classes([y.numpy() for _, y in pairs] + [test_pair[1].numpy()], num_classes, "FederatedData.from_clients")
+        k = _infer_classes(
+            [y.numpy() for _, y in pairs] + [test_pair[1].numpy()], num_classes, "FederatedData.from_clients"
+        )
         return cls(
             name=name, num_classes=k, input_shape=tuple(test_pair[0].shape[1:]),
             client_sizes=np.array([y.shape[0] for _, y in pairs]), load_client=pairs.__getitem__,
@@ -186,12 +197,15 @@ class FederatedData:
             pair = as_tensors(*_check_pair(read_client(cid), f"FederatedData.lazy: read_client({cid})"))
             if pair[1].shape[0] != sizes[cid]:
                 raise UserError(
-                    f"FederatedData.lazy: read_client({cid}) gave {pair[1].shape[0]} samples; sizes[{cid}] = {sizes[cid]}"
+                    f"FederatedData.lazy: read_client({cid}) gave {pair[1].shape[0]} samples; "
+                    f"sizes[{cid}] = {sizes[cid]}"
                 )
             return pair
 
         def load_test() -> Pair:
-            return as_tensors(*_check_pair(test() if callable(test) else test, "FederatedData.lazy(test=...)"))
+            return as_tensors(
+                *_check_pair(test() if callable(test) else test, "FederatedData.lazy(test=...)")
+            )
 
         return cls(
             name=name, num_classes=num_classes, input_shape=tuple(input_shape), client_sizes=sizes,
@@ -232,9 +246,10 @@ class FederatedData:
         return not self.test[1].is_floating_point()
 
     def fingerprint(self, samples: int = 8) -> str:
-        """A digest of what makes this dataset: sizes, shapes, the test set and a few clients
-        spread over the id range. Ranks compare it once at start-up: a loader that is not a pure
-        function of the seed (an unseeded shuffle, say) gives different digests."""
+        """A digest of what makes this dataset: sizes, shapes, the test set and (in memory) a few
+        clients spread over the id range; lazy clients are not read for it (start-up reads no
+        client). Ranks compare it once at start-up: a loader that is not a pure function of the
+        seed (an unseeded shuffle, say) gives different digests."""
         h = hashlib.blake2b(digest_size=16)
         h.update(repr((self.kind, self.num_classes, self.input_shape, self.num_clients)).encode())
         if self.client_sizes is not None:
@@ -242,7 +257,7 @@ class FederatedData:
         for t in self.test:
             h.update(t.numpy().tobytes())
         ids = np.unique(np.linspace(0, max(self.num_clients - 1, 0), samples).astype(np.int64))
-        for cid in ids if self.num_clients else ():
+        for cid in ids if self.num_clients and self.kind == "clients" else ():
             for t in self.client(int(cid)):
                 h.update(t.numpy().tobytes())
         if self.kind == "pooled":
@@ -252,8 +267,8 @@ class FederatedData:
 
     def __repr__(self) -> str:
         return (
-            f"FederatedData({self.name}, {self.kind}, clients={self.num_clients}, classes={self.num_classes}, "
-            f"input_shape={self.input_shape}, train={self.num_train})"
+            f"FederatedData({self.name}, {self.kind}, clients={self.num_clients}, "
+            f"classes={self.num_classes}, input_shape={self.input_shape}, train={self.num_train})"
         )
 
 

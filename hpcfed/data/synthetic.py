@@ -104,7 +104,9 @@ class SyntheticUsers:
 LAZY_CACHE_CLIENTS = 256
 
 
-def load_federated(seed: int, num_clients: int = 30, synthetic_alpha: float = 1.0, synthetic_beta: float = 1.0):
+def load_federated(
+    seed: int, num_clients: int = 30, synthetic_alpha: float = 1.0, synthetic_beta: float = 1.0
+):
     """``data.dataset = "synthetic"``: ``num_clients`` users generated on demand (the natural
     partition); another ``data.partition`` pools their training parts, in user order."""
     from hpcfed.data.federated import FederatedData

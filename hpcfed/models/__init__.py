@@ -31,7 +31,9 @@ def model_options(cfg: ModelConfig) -> dict[str, Any]:
     own = {key: getattr(cfg, key) for key in (entry.keys if entry else ())}
     for key in cfg.options:
         if key in own:
-            raise UserError(f"model.options.{key}: set model.{key} instead (a key of the built-in {cfg.name!r})")
+            raise UserError(
+                f"model.options.{key}: set model.{key} instead (a key of the built-in {cfg.name!r})"
+            )
     return {**own, **cfg.options}
 
 

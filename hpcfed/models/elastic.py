@@ -345,14 +345,18 @@ def check_job(job) -> None:
 
 def build_elastic_mlp(input_shape, num_classes: int, hidden=(128,), subnet=None) -> nn.Module:
     """``model.name = "elastic_mlp"``: SuperFed's MLP supernet, or ``model.subnet`` of it."""
-    return build_elastic(ModelConfig(name="elastic_mlp", hidden=list(hidden), subnet=subnet), input_shape, num_classes)
+    return build_elastic(
+        ModelConfig(name="elastic_mlp", hidden=list(hidden), subnet=subnet), input_shape, num_classes
+    )
 
 
 def build_elastic_resnet(
     input_shape, num_classes: int, channels=(16, 32, 64), blocks=(3, 3, 3), norm="group", subnet=None
 ) -> nn.Module:
     """``model.name = "elastic_resnet"``: SuperFed's ResNet supernet, or ``model.subnet`` of it."""
-    cfg = ModelConfig(name="elastic_resnet", channels=list(channels), blocks=list(blocks), norm=norm, subnet=subnet)
+    cfg = ModelConfig(
+        name="elastic_resnet", channels=list(channels), blocks=list(blocks), norm=norm, subnet=subnet
+    )
     return build_elastic(cfg, input_shape, num_classes)
 
 
