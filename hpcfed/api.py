@@ -147,7 +147,13 @@ def _execute(make_run, comm):
                 "from the seed argument (docs/api.md)"
             )
         try:
-            return instance.loop()
+            result = instance.loop()
+            instance.close()
+            # rank 0 may still be writing the last checkpoint: every rank returns once the run's
+            # files are complete, so a script can read them (or resume) straight away
+            if size > 1:
+                comm.Barrier()
+            return result
         except BaseException as exc:
             if size > 1 and not agreed(exc):
                 # the other ranks cannot know: end the job rather than leave them waiting

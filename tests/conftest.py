@@ -29,9 +29,8 @@ def hpcfed(*args: str, ranks: int = 0, timeout: float = 240, **kwargs) -> subpro
     if ranks:
         mpirun = VENV_BIN / "mpirun"
         cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), *cmd]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=ROOT, **kwargs
-    )
+    kwargs.setdefault("cwd", ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), **kwargs)
 
 
 @pytest.fixture

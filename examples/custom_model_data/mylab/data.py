@@ -13,10 +13,11 @@ import hpcfed
 
 def load(seed, clients=60, shift=0.3):
     x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
     rng = np.random.default_rng(seed)  # seeded: the same on every rank
     order = rng.permutation(len(y))
     test, train = order[:300], order[300:]
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6  # the training split's statistics
+    x = ((x - mean) / std).astype(np.float32)
     writers = []
     for i, part in enumerate(np.array_split(train, clients)):
         offset = shift * (i / clients - 0.5)  # writer i's pen is a little lighter or darker
