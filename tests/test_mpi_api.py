@@ -42,8 +42,8 @@ def test_user_code_same_model_on_one_and_many_ranks(keys):
     comm = MPI.COMM_WORLD
     tmp = _lab(comm, "same")
     job_file = write_job(tmp, file=f"job-{comm.Get_rank()}.toml", **keys)
-    job = load_job(job_file, [f"out={tmp}", "strategy.scale=0.5"] if "Scaled" in keys.get("algorithm", "") else
-                   [f"out={tmp}"])  # fmt: skip
+    scaled = "Scaled" in keys.get("algorithm", "")
+    job = load_job(job_file, [f"out={tmp}", *(["strategy.scale=0.5"] if scaled else [])])
     replicated, diff, acc = world_vs_single(job, comm, tmp)
     assert replicated
     assert diff <= 1e-6, diff

@@ -100,7 +100,8 @@ FILES = {
                 self.flat.set(state["model"])
                 loss, steps, n = self.train_client(client_id, round_index)
                 delta = self.flat.get().astype(np.float64) - state["model"]
-                metrics = {"loss_sum": loss * n, "samples": n, "bytes_up": 0, "bytes_down": 0}
+                sent = 4 * delta.size  # float32 models each way
+                metrics = {"loss_sum": loss * n, "samples": n, "bytes_up": sent, "bytes_down": sent}
                 return hpcfed.Update(value=n * delta, weight=float(n), metrics=metrics)
             def server_update(self, state, total, round_index):
                 if total.weight > 0:
