@@ -98,13 +98,29 @@ class TrainConfig(_Strict):
 
 class FedAvgConfig(_Strict):
     # FedAvg's server step on the averaged update (pseudo-gradient). "sgd" with lr 1 is plain
-    # FedAvg; momentum gives FedAvgM (Hsu et al. 2019); "adam" gives FedAdam (Reddi et al. 2021).
-    server_optimizer: Literal["sgd", "adam"] = "sgd"
+    # FedAvg; momentum gives FedAvgM (Hsu et al. 2019); "adam", "adagrad", "yogi" give FedAdam,
+    # FedAdagrad, FedYogi (Reddi et al. 2021, Algorithm 2: beta1 momentum, tau adaptivity).
+    server_optimizer: Literal["sgd", "adam", "adagrad", "yogi"] = "sgd"
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)  # FedAdam's adaptivity
+    tau: float = Field(1e-3, gt=0)  # adaptivity of FedAdam / FedAdagrad / FedYogi
+
+
+class FedProxConfig(_Strict):
+    """FedProx (algorithm = "fedprox"): the proximal term mu/2 ||w - w_global||^2 in local training."""
+
+    mu: float = Field(0.01, ge=0)  # 0 is FedAvg exactly
+
+
+class ScaffoldConfig(_Strict):
+    """SCAFFOLD (algorithm = "scaffold"): control variates correct each local gradient."""
+
+    # "II": c_i+ = c_i - c + (x - y_i) / (K lr), free; "I": c_i+ = the full gradient at x (one pass)
+    control_update: Literal["II", "I"] = "II"
+    server_lr: float = Field(1.0, gt=0)  # eta_g, the global step size
+    state: Literal["memory", "disk"] = "memory"  # per-client control variates: heap, or HDF5 per rank
 
 
 class CompressConfig(_Strict):
@@ -289,6 +305,8 @@ class JobConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
+    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
+    scaffold: ScaffoldConfig = Field(default_factory=ScaffoldConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     fedpt: FedPTConfig = Field(default_factory=FedPTConfig)
     dp: DPConfig | None = None  # None: no [dp] table, no differential privacy

@@ -61,6 +61,9 @@ BUILTINS: dict[str, dict[str, Builtin]] = {
     },
     "algorithm": {
         "fedavg": Builtin("hpcfed.algorithms.fedavg:FedAvg"),
+        "fedprox": Builtin("hpcfed.algorithms.fedprox:FedProx"),
+        "scaffold": Builtin("hpcfed.algorithms.scaffold:Scaffold"),
+        "fednova": Builtin("hpcfed.algorithms.fednova:FedNova"),
         "fedpt": Builtin("hpcfed.algorithms.fedpt:FedPT"),
         "prism": Builtin("hpcfed.algorithms.prism:Prism"),
         "resfed": Builtin("hpcfed.algorithms.resfed:ResFed"),
@@ -146,9 +149,13 @@ def resolve(key: str, value: str) -> Any:
             raise UserError(f"{key} = {value!r}: module {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, part)
     _RESOLVED[reference] = obj
-    if entry is None:
+    if entry is None and not _is_hpcfed(module_name):  # hpcfed's own modules are not user code
         _USER_MODULES[reference] = module_name
     return obj
+
+
+def _is_hpcfed(module_name: str) -> bool:
+    return module_name == "hpcfed" or module_name.startswith("hpcfed.")
 
 
 def _has_path(obj: Any, attr_path: str) -> bool:
@@ -174,9 +181,10 @@ def forget_user_code() -> None:
     for reference, module in list(_USER_MODULES.items()):
         _RESOLVED.pop(reference, None)
         top = module.split(".")[0]
+        if top == "__main__" or _is_hpcfed(top):
+            continue
         for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
-            if top != "__main__":
-                del sys.modules[name]
+            del sys.modules[name]
     _USER_MODULES.clear()
 
 

@@ -215,7 +215,8 @@ class Run:
             if total["failed"][0] > 0:
                 raise_together(self.comm, failure)
             # 5. the same server step on every rank
-            update = self.robust.combine(Update(total["value"], total["weight"]))
+            extras = {name: total[f"extra.{name}"] for name in strategy.extra_sums_sizes()}
+            update = self.robust.combine(Update(total["value"], total["weight"], extras=extras))
             failed = total["dropped_clients"][0] + total["rejected_updates"][0]
             if failed < len(clients):  # a round in which every client failed keeps the model
                 self.state = strategy.server_update(self.state, update, rnd)
@@ -295,6 +296,8 @@ class Run:
         packed.add("weight", update.weight)
         for name, value in update.metrics.items():
             packed.view(name)[0] += value
+        for name, value in update.extras.items():
+            packed.add(f"extra.{name}", value)
 
     def _progress_bar(self):
         if not (self.progress and sys.stderr.isatty()):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextvars
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from hpcfed import registry
 from hpcfed.config import TrainConfig
-from hpcfed.losses import cross_entropy
+from hpcfed.losses import PAD_ID, cross_entropy, is_sequence
 
 # The share of its local steps the client being trained completes ([faults] slow_prob: a straggler).
 # The engine sets it around ``client_update``, so every algorithm's local training honours it
@@ -80,6 +81,49 @@ class SGD:
             self.buffers.update(zip(live, buffers))
 
 
+@dataclass
+class GradientCorrection:
+    """An affine change of every local gradient before each step:
+    ``g <- g + prox_mu * (w - anchor) + offset``, per parameter.
+
+    The two corrections of the classic baselines: FedProx's proximal term (Li et al. 2020; the
+    gradient of ``mu/2 * ||w - w_global||^2``: ``prox_mu = mu``, ``anchor`` the global model) and
+    SCAFFOLD's control variates (Karimireddy et al. 2020: ``offset = c - c_i``). Build it with
+    :meth:`for_model` from flat vectors over the model's :class:`~hpcfed.flat.FlatModel` layout.
+    """
+
+    items: list[tuple[torch.nn.Parameter, torch.Tensor | None, torch.Tensor | None]]
+    prox_mu: float = 0.0
+
+    @classmethod
+    def for_model(cls, flat, params, *, prox_mu: float = 0.0, anchor=None, offset=None) -> GradientCorrection:
+        """``anchor``/``offset``: flat vectors (NumPy or tensors) of the whole model, or None."""
+        names = {id(p): n for n, p in flat.module.named_parameters()}
+        device = flat.vector.device
+
+        def tensor(v):
+            return None if v is None else torch.as_tensor(v, dtype=torch.float32).to(device)
+
+        anchor_t, offset_t = tensor(anchor), tensor(offset)
+        items = []
+        for p in params:
+            s = flat.slice_of(names[id(p)])
+            a = anchor_t[s].view(p.shape) if anchor_t is not None and prox_mu else None
+            o = offset_t[s].view(p.shape) if offset_t is not None else None
+            items.append((p, a, o))
+        return cls(items=items, prox_mu=float(prox_mu))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, anchor, offset in self.items:
+            if p.grad is None:
+                continue
+            if anchor is not None:
+                p.grad.add_(p - anchor, alpha=self.prox_mu)
+            if offset is not None:
+                p.grad.add_(offset)
+
+
 class LocalSGD:
     """Minibatch SGD on one client's tensors, reusing one optimiser for every client.
 
@@ -97,16 +141,25 @@ class LocalSGD:
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         self.opt = SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    def train(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[float, int]:
+    def train(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        correction: GradientCorrection | None = None,
+    ) -> tuple[float, int]:
         """Train in place for ``cfg.epochs`` epochs; return (mean training loss, number of steps).
 
-        Inside :func:`local_work` (a straggler) only ``ceil(share * steps)`` of the steps run."""
+        Inside :func:`local_work` (a straggler) only ``ceil(share * steps)`` of the steps run.
+        ``correction`` changes each step's gradient (FedProx, SCAFFOLD)."""
         limit = None
         share = _WORK_SHARE.get()
         if share < 1.0:
             planned = self.cfg.epochs * math.ceil(x.shape[0] / self.cfg.batch_size)
             limit = max(1, math.ceil(share * planned))
-        loss_sum, samples, steps = self._run(x, y, generator, epochs=self.cfg.epochs, max_steps=limit)
+        loss_sum, samples, steps = self._run(
+            x, y, generator, epochs=self.cfg.epochs, max_steps=limit, correction=correction
+        )
         return loss_sum / max(samples, 1), steps
 
     def train_steps(
@@ -117,7 +170,9 @@ class LocalSGD:
         loss_sum, samples, _ = self._run(x, y, generator, epochs=None, max_steps=steps)
         return loss_sum / max(samples, 1), samples
 
-    def _run(self, x, y, generator, epochs: int | None, max_steps: int | None) -> tuple[float, int, int]:
+    def _run(
+        self, x, y, generator, epochs: int | None, max_steps: int | None, correction=None
+    ) -> tuple[float, int, int]:
         """The one training loop: ``epochs`` passes (None: unbounded), stopping early after
         ``max_steps`` batches (None: no limit); returns (loss sum, samples seen, steps)."""
         model, opt, cfg = self.model, self.opt, self.cfg
@@ -143,6 +198,8 @@ class LocalSGD:
                 opt.zero_grad()
                 loss = self.loss(model(x[idx]), y[idx])
                 loss.backward()
+                if correction is not None:
+                    correction.apply()
                 opt.step()
                 # accumulate on the device: one host sync per client, not one per step
                 total += loss.detach() * idx.numel()
@@ -167,17 +224,33 @@ def evaluate_sums(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024, loss=cross_entropy
 ) -> tuple[float, float, int]:
     """(number correct, summed loss, count) on one shard of the test set; the number correct is
-    NaN for regression targets (float ``y``), so the accuracy it gives is NaN too."""
+    NaN for regression targets (float ``y``), so the accuracy it gives is NaN too.
+
+    Sequence targets (integer ``y`` of ``[N, T]`` against outputs ``[N, T, V]``, see
+    :mod:`hpcfed.losses`): ``count`` is the number of non-padding tokens and ``correct`` the
+    tokens predicted right among them, so the engine's ``correct / count`` is the per-character
+    accuracy and ``loss / count`` the mean token loss. Per-sample classification is unchanged."""
     model.eval()
     correct = 0.0 if is_classification(y) else float("nan")
     loss_sum = 0.0
+    count = int(x.shape[0])
+    tokens = 0
+    sequence = False
     device = next(model.parameters()).device
     batch_sum = getattr(loss, "sum", None)  # the loss's own summed form, else mean x batch size
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(device)
         yb = y[start : start + batch_size].to(device)
         logits = model(xb)
+        if is_sequence(logits, yb):
+            sequence = True
+            real = yb != PAD_ID
+            n_real = int(real.sum())
+            tokens += n_real
+            loss_sum += float(batch_sum(logits, yb) if batch_sum else loss(logits, yb) * n_real)
+            correct += float(((logits.argmax(-1) == yb) & real).sum())
+            continue
         loss_sum += float(batch_sum(logits, yb) if batch_sum else loss(logits, yb) * yb.shape[0])
         if is_classification(yb):
             correct += float((logits.argmax(-1) == yb).sum())
-    return correct, loss_sum, int(x.shape[0])
+    return correct, loss_sum, tokens if sequence else count

@@ -34,6 +34,9 @@ class Update:
     value: np.ndarray  # float64 [P]: sum over clients of w * x
     weight: float | np.ndarray  # scalar sum of w, or float64 [P] per element
     metrics: dict[str, float] = field(default_factory=dict)
+    # further named sums in the round's one Allreduce (a strategy's ``extra_sums``): SCAFFOLD's
+    # control-variate changes, FedNova's normalising weights; float64 arrays or scalars
+    extras: dict[str, np.ndarray | float] = field(default_factory=dict)
 
 
 class Strategy:
@@ -49,7 +52,10 @@ class Strategy:
 
     name = "base"
     per_element_weights = False  # True when clients train overlapping slices
-    extra_metrics: tuple[str, ...] = ()  # further per-client sums this algorithm reports
+    extra_metrics: tuple[str, ...] = ()  # further per-client sums this algorithm reports (logged)
+    # further named sums the round's Allreduce carries, name -> length (not logged): a client's
+    # ``Update.extras[name]``, summed over the cohort, reaches ``server_update`` in ``total.extras``
+    extra_sums: ClassVar[dict[str, int]] = {}
     # What the engine may combine with this algorithm (checked when the job is loaded):
     supports_dp: ClassVar[bool] = False  # implements [dp] (clipping + noise) itself
     supports_robust: ClassVar[bool] = False  # one scalar-weighted update per client: [robust] applies
@@ -124,17 +130,27 @@ class Strategy:
 
         return LocalSGD(self.flat.module, self.job.train)
 
-    def train_client(self, client_id: int, round_index: int) -> tuple[float, int, int]:
+    def train_client(self, client_id: int, round_index: int, correction=None) -> tuple[float, int, int]:
         """Train ``self.flat.module`` in place, from whatever it holds, on client ``client_id``'s
         data in the order of its own generator (seed, round, client); returns (mean training loss,
-        steps, samples). Load the start point first (``self.flat.set(vector)``)."""
+        steps, samples). Load the start point first (``self.flat.set(vector)``). ``correction``
+        (a :class:`hpcfed.train.GradientCorrection`) changes every local gradient: a proximal
+        term, control variates."""
         from hpcfed.rng import torch_generator
 
         x, y = self.data.client(client_id)
         x, y = x.to(self.device), y.to(self.device)
         gen = torch_generator(self.job.seed, "train", round_index, client_id)
-        loss, steps = self.trainer.train(x, y, gen)
+        loss, steps = self.trainer.train(x, y, gen, correction=correction)
         return loss, steps, int(y.shape[0])
+
+    def correction(self, *, prox_mu: float = 0.0, anchor=None, offset=None):
+        """A :class:`hpcfed.train.GradientCorrection` over this strategy's trained parameters."""
+        from hpcfed.train import GradientCorrection
+
+        return GradientCorrection.for_model(
+            self.flat, self.trainer.opt.params, prox_mu=prox_mu, anchor=anchor, offset=offset
+        )
 
     @property
     def placement(self) -> str:
@@ -191,11 +207,16 @@ class Strategy:
         if arrays:
             raise ValueError(f"{self.name} keeps no extra state, checkpoint has {sorted(arrays)}")
 
+    def extra_sums_sizes(self) -> dict[str, int]:
+        """:attr:`extra_sums`, or sizes known only once the model exists (override)."""
+        return dict(self.extra_sums)
+
     def layout(self) -> dict[str, int]:
         """Sizes of the round's packed Allreduce buffer."""
         p = self.flat.size
         sizes = {"value": p, "weight": p if self.per_element_weights else 1}
         sizes.update({m: 1 for m in (*BASE_METRICS, *self.extra_metrics)})
+        sizes.update({f"extra.{name}": n for name, n in self.extra_sums_sizes().items()})
         return sizes
 
 

@@ -1,10 +1,15 @@
-"""FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629), with optional FedAvgM / FedAdam.
+"""FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629), with FedAvgM / FedAdam / FedAdagrad /
+FedYogi server optimisers.
 
 Clients start from the global model, run local SGD, and send their model delta. The server
 averages the deltas weighted by sample counts and applies a server optimiser to that average:
 plain FedAvg is server SGD with lr 1, which equals the sample-weighted average of client models;
-FedAvgM (Hsu et al. 2019, arXiv 1909.06335) adds server momentum; FedAdam (Reddi et al. 2021,
-arXiv 2003.00295) uses Adam's moments with adaptivity tau.
+FedAvgM (Hsu et al. 2019, arXiv 1909.06335) adds server momentum. The adaptive ones are Reddi et
+al., "Adaptive Federated Optimization" (ICLR 2021, arXiv 2003.00295), Algorithm 2, with the
+average delta Δ as the pseudo-gradient: m ← β1·m + (1−β1)·Δ, then
+FedAdagrad v ← v + Δ², FedYogi v ← v − (1−β2)·Δ²·sign(v − Δ²), FedAdam v ← β2·v + (1−β2)·Δ²,
+and x ← x + η·m / (√v + τ). As in the paper there is no bias correction; FedAdagrad's and
+FedYogi's v start at τ² (the paper's v₋₁ ≥ τ²), FedAdam's at 0 (as hpcfed always had it).
 
 Where we differ: clients send deltas rather than models (identical average, and deltas are what
 compression and DP clip); the average is accumulated in float64 so the result does not depend on
@@ -47,6 +52,9 @@ class FedAvg(Strategy):
         if cfg.server_optimizer == "adam":
             state["adam_m"] = np.zeros(size)
             state["adam_v"] = np.zeros(size)
+        elif cfg.server_optimizer in ("adagrad", "yogi"):
+            state["adapt_m"] = np.zeros(size)
+            state["adapt_v"] = np.full(size, cfg.tau**2)
         elif cfg.server_momentum > 0:
             state["momentum"] = np.zeros(size)
         return state
@@ -80,7 +88,7 @@ class FedAvg(Strategy):
     def client_update(self, state, client_id, round_index) -> Update:
         received, _ = self.codec.decode(self._down, {})
         self.load_part(received)
-        loss, _, samples = self.train_client(client_id, round_index)  # the params that require grad
+        loss, self.last_steps, samples = self.local_training(client_id, round_index)
         delta = self.read_part() - received
         # what the server really has: the decoded bytes
         up, decoded = self.compression.send_up(client_id, round_index, delta)
@@ -92,6 +100,11 @@ class FedAvg(Strategy):
         clipped, was_clipped = self.dp.clip(decoded)
         metrics["clipped_updates"] = float(was_clipped)
         return Update(value=clipped, weight=1.0, metrics=metrics)
+
+    def local_training(self, client_id: int, round_index: int) -> tuple[float, int, int]:
+        """The client's local SGD from the model just loaded: (mean loss, steps, samples). The
+        hook FedProx overrides (a proximal term); FedNova reads the steps (``last_steps``)."""
+        return self.train_client(client_id, round_index)  # the params that require grad
 
     def aggregate(self, total: Update, round_index: int) -> np.ndarray:
         """The round's average client delta (float64), before the server optimiser."""
@@ -107,6 +120,15 @@ class FedAvg(Strategy):
             state["adam_m"] = cfg.beta1 * state["adam_m"] + (1 - cfg.beta1) * step
             state["adam_v"] = cfg.beta2 * state["adam_v"] + (1 - cfg.beta2) * step**2
             step = state["adam_m"] / (np.sqrt(state["adam_v"]) + cfg.tau)
+        elif cfg.server_optimizer in ("adagrad", "yogi"):
+            state["adapt_m"] = cfg.beta1 * state["adapt_m"] + (1 - cfg.beta1) * step
+            square = step**2
+            if cfg.server_optimizer == "adagrad":
+                state["adapt_v"] = state["adapt_v"] + square
+            else:  # Yogi: v moves towards Δ² additively, at most (1 - β2)·Δ² per round
+                sign = np.sign(state["adapt_v"] - square)
+                state["adapt_v"] = state["adapt_v"] - (1 - cfg.beta2) * square * sign
+            step = state["adapt_m"] / (np.sqrt(state["adapt_v"]) + cfg.tau)
         elif "momentum" in state:
             state["momentum"] = cfg.server_momentum * state["momentum"] + step
             step = state["momentum"]
