@@ -124,7 +124,7 @@ class Scaffold(Strategy):
         if count > 0:
             step = self.cfg.server_lr * total.value / count
             state["model"] = (state["model"] + step).astype(np.float32)
-            control = state["control"] + total.extras["control"] / self.data.num_clients
+            control = state["control"] + total.extras["control"] / self.job.data.num_clients
             state["control"] = control.astype(np.float32)
         return state
 
