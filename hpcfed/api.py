@@ -91,8 +91,12 @@ def resume(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, comm=No
         instance.restore(ckpt)
         if comm.Get_rank() == 0:
             _warn_changed_code(ckpt, instance.user_code)
-            if overrides:
-                config.write_text(to_toml(cfg))
+            if overrides:  # written whole or not at all; a failure is one line (hpcfed/io/storage.py)
+                from hpcfed.io import storage
+
+                fix = "hpcfed resume needs a run folder it can write"
+                with storage.writing_run_folder(folder, "writing config.toml", str(folder), fix=fix):
+                    storage.replace_file(config, to_toml(cfg).encode())
         return instance
 
     return _execute(make, comm)

@@ -33,10 +33,12 @@ from hpcfed.config import JobConfig, UserError, to_toml
 from hpcfed.data import load_federated
 from hpcfed.faults import FAULT_METRICS, Faults
 from hpcfed.flat import FlatModel
+from hpcfed.io import storage
 from hpcfed.io.checkpoint import Checkpoint, save_checkpoint
 from hpcfed.io.metrics import MetricsLog
 from hpcfed.models import build_model
-from hpcfed.placement import assign, training_cost
+from hpcfed.executor import FusedMLP, GroupRun, group_size
+from hpcfed.placement import assign_groups, training_cost
 from hpcfed.rng import cohort
 from hpcfed.robust import RobustAggregation, is_finite
 from hpcfed.signals import StopFlag
@@ -95,6 +97,9 @@ class Run:
         module = build_model(job.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.flat = FlatModel(module)
         self.strategy = make_strategy(job, self.flat, self.data, self.device, comm)
+        # clients trained at once, vectorised, where the model allows (train.parallel_clients)
+        self.fused = FusedMLP.build(self.flat, self.strategy.trainer) if job.train.parallel_clients != 1 else None
+        self.group_size = group_size(job.train.parallel_clients, self.fused)
         self.user_code = registry.user_code(job_references(job))  # files and hashes, for checkpoints
         self.state = self.strategy.init_state()
         # [faults] and the engine's update checks (hpcfed/faults.py, hpcfed/robust.py); their counts
@@ -124,9 +129,15 @@ class Run:
 
     def create_files(self) -> None:
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(self.job))
-            self.log.create(self.attrs(), self.strategy.log_groups())
+            # storage faults (hpcfed/io/storage.py): an `out` that cannot be created or written is
+            # exit 2 naming it, a full disk or an I/O error one line (exit 1); files are written
+            # whole or not at all, and what a killed run left half-written goes
+            key = f"out = {self.job.out!r}"
+            with storage.writing_run_folder(self.run_dir, "creating the run's files", key, fresh=True):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                storage.remove_stale_temps(self.run_dir)
+                storage.replace_file(self.run_dir / "config.toml", to_toml(self.job).encode())
+                self.log.create(self.attrs(), self.strategy.log_groups())
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint: server state, per-client state, the log cut back to it."""
@@ -136,32 +147,61 @@ class Run:
         self.start_round = ckpt.round
         self.wall_offset = float(ckpt.attrs.get("wall_time", 0.0))
         if self.rank == 0:
-            try:
-                self.log.truncate(ckpt.round)
-            except (OSError, KeyError, ValueError) as exc:  # torn or short log (a killed writer)
-                warnings.warn(f"{self.log.path}: unusable ({exc}); rebuilt from {ckpt.path}", stacklevel=2)
-                self.log.rebuild(self.attrs(), ckpt.groups.get("history", {}), self.strategy.log_groups())
+            # storage faults (hpcfed/io/storage.py): a read-only run folder is exit 2, a full disk
+            # one line (exit 1); what a killed run left half-written goes
+            fix = "hpcfed resume needs a run folder it can write"
+            doing = f"cutting the log back to round {ckpt.round}"
+            with storage.writing_run_folder(self.run_dir, doing, str(self.run_dir), fix=fix):
+                storage.remove_stale_temps(self.run_dir)
+                try:
+                    self.log.truncate(ckpt.round)
+                except (KeyError, ValueError) as exc:  # torn or short log (a killed writer)
+                    warnings.warn(
+                        f"{self.log.path}: unusable ({exc}); rebuilt from {ckpt.path}", stacklevel=2
+                    )
+                    self.log.rebuild(self.attrs(), ckpt.groups.get("history", {}), self.strategy.log_groups())
 
     def checkpoint(self, rounds_done: int, wall: float) -> None:
         # Per-client state lives on the clients' home ranks. Every rank streams its arrays to rank 0
         # one at a time, which writes each into the file as it arrives: no rank ever holds every
         # client's state (ResFed: thousands of clients x several models), whatever the rank count.
+        # Storage faults (hpcfed/io/storage.py): rank 0 alone writes, so every rank learns its
+        # verdict in one tiny collective (raise_together) after the write: a write that failed for
+        # lack of space is skipped once with a warning (retried at the next checkpoint), anything
+        # else, a second failure in a row or a failed final checkpoint raises on every rank.
         clients = self.strategy.iter_extra_state()
         if self.rank != 0:
             send_arrays(self.comm, clients, dest=0)
+            raise_together(self.comm, None)
             return
-        others = (recv_arrays(self.comm, source=r) for r in range(1, self.size))
+        others = [recv_arrays(self.comm, source=r) for r in range(1, self.size)]
         clients = itertools.chain(clients, *others)
-        self.log.flush()
-        self.flat.set(self.state["model"])
-        model = {k: v.numpy() for k, v in self.flat.state_dict().items()}
-        groups = {
-            "server": {k: v for k, v in self.state.items() if k != "model"},
-            "clients": clients,
-            "history": self.log.history(),
-        }
-        attrs = {**self.attrs(), "wall_time": wall, "user_code": json.dumps(self.user_code)}
-        save_checkpoint(self.run_dir, rounds_done, attrs, model, groups, self.job.checkpoint_keep)
+        writes = self.__dict__.setdefault(
+            "checkpoint_writes", storage.CheckpointWrites(self.run_dir, self.job)
+        )
+        failure, doing = None, "appending the log's rows before the checkpoint"
+        try:
+            self.log.flush(strict=True)
+            doing = "writing the checkpoint"
+            self.flat.set(self.state["model"])
+            model = {k: v.numpy() for k, v in self.flat.state_dict().items()}
+            groups = {
+                "server": {k: v for k, v in self.state.items() if k != "model"},
+                "clients": clients,
+                "history": self.log.history(),
+            }
+            attrs = {**self.attrs(), "wall_time": wall, "user_code": json.dumps(self.user_code)}
+            save_checkpoint(self.run_dir, rounds_done, attrs, model, groups, self.job.checkpoint_keep)
+            writes.succeeded()
+        except Exception as exc:  # noqa: BLE001 - agreed on by every rank below
+            stopping = self.packed.buffer[self.packed.slices["stop"]][0] > 0  # the round's Allreduce
+            failure = writes.failed(exc, doing, rounds_done, stopping)
+            if failure is None:  # skipped: said on stderr and, at the next append, in the log
+                self.log.note(rounds_done - 1, "checkpoint_skipped")
+        for stream in others:  # what the other ranks still send after a failure: no sender waits
+            for _ in stream:
+                pass
+        raise_together(self.comm, failure)
 
     # -- evaluation (all ranks) -----------------------------------------------------------------
     def evaluate(self) -> tuple[float, float]:
@@ -196,18 +236,19 @@ class Run:
         for rnd in range(self.start_round, job.rounds):
             # 1. the cohort, from (seed, round): the same on every rank, no communication
             clients = cohort(job.seed, rnd, self.data.num_clients, job.clients_per_round)
-            # 2. this rank's share: greedy by sample count, or each client's fixed home rank
+            # 2. this rank's share, in groups trained at once: greedy by cost, or by fixed home rank
             costs = training_cost(self.data.client_sizes[clients], job.train.epochs, job.train.batch_size)
-            mine = assign(clients, costs, self.size, strategy.placement)[self.rank]
+            groups = assign_groups(clients, costs, self.size, strategy.placement, self.group_size)[self.rank]
             # 3. train them and sum their additive updates into the round's buffer
             packed.zero()
             failure = None
             try:  # client code may be the user's: a failure leaves with every rank (step 4)
                 strategy.begin_round(self.state, rnd)
-                for cid in mine:
-                    self._client(cid, rnd)
+                for group in groups:
+                    self._group(group, rnd)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 failure = exc
+            strategy.group = None
             packed.view("stop")[0] = 1.0 if self.stop else 0.0
             packed.view("failed")[0] = 1.0 if failure is not None else 0.0
             # 4. one Allreduce: updates, metric sums, the stop and failure flags together
@@ -270,6 +311,16 @@ class Run:
             "signal on another rank" if last_round + 1 < self.job.rounds else None
         )
         return RunResult(self.run_dir, last_round + 1, stopped, accuracy, loss)
+
+    def _group(self, group: list[int], rnd: int) -> None:
+        """Train a group of clients: at once where the executor applies, else one by one."""
+        if len(group) > 1 and self.fused is not None:
+            fates = {cid: self.faults.fate(rnd, cid) for cid in group}
+            live = [cid for cid in group if not fates[cid].dropped]
+            self.strategy.group = GroupRun(self.fused, live, {cid: fates[cid].work for cid in live})
+        for cid in group:
+            self._client(cid, rnd)
+        self.strategy.group = None
 
     def _client(self, cid: int, rnd: int) -> None:
         """Train one client as its [faults] fate says, and add its update to the round's buffer."""

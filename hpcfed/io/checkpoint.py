@@ -9,6 +9,11 @@ Written to a temporary name, fsynced, renamed into place and the folder fsynced,
 leaves a half-written newest checkpoint. Datasets carry HDF5's Fletcher-32 checksum, and the
 attribute ``complete`` is written last: a file without it, or whose checksums fail on read, is
 skipped in favour of the next newest.
+
+A write that fails (no space, quota, I/O error) removes its temporary file and raises the OSError
+with its errno, named after the checkpoint; the bytes go through :class:`storage.GuardedFile`, so
+HDF5 never sees the failure (hpcfed/io/storage.py says why). Reads take no HDF5 file lock: a
+checkpoint never changes once renamed into place, and some cluster file systems refuse locks.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import h5py
 import numpy as np
 
 from hpcfed.config import UserError
+from hpcfed.io import storage
 
 _NAME = re.compile(r"^round_(\d{6})\.h5$")
 
@@ -41,14 +47,16 @@ def checkpoint_path(run_dir: Path, round_done: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round_{round_done:06d}.h5"
 
 
-def _write_group(group: h5py.Group, arrays) -> None:
+def _write_group(group: h5py.Group, arrays, sink: storage.GuardedFile) -> None:
     """``arrays``: a mapping or an iterable of ``(name, array)`` pairs (per-client state arrives
-    as a stream from every rank and is written one array at a time)."""
+    as a stream from every rank and is written one array at a time). Stops at the first failed
+    write of ``sink`` (the rest would be dropped anyway)."""
     for name, value in arrays.items() if hasattr(arrays, "items") else arrays:
         arr = np.asarray(value)
         # Fletcher-32 needs a chunked, non-empty, non-scalar dataset
         checksum = arr.ndim > 0 and arr.size > 0
         group.create_dataset(name, data=arr, fletcher32=checksum, chunks=True if checksum else None)
+        sink.check()
 
 
 def save_checkpoint(
@@ -70,29 +78,15 @@ def write_checkpoint(
     """One checkpoint file at ``final`` (also ``hpcfed export``'s standalone subnets), atomically."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with storage.atomic_hdf5(final) as (f, sink):  # temporary name, fsync, rename, fsync folder
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["round"] = round_done
-        _write_group(f.create_group("model"), model)
+        _write_group(f.create_group("model"), model, sink)
         for gname, arrays in groups.items():
-            _write_group(f.create_group(gname), arrays)
+            _write_group(f.create_group(gname), arrays, sink)
         f.attrs["complete"] = True  # last: a torn file lacks it
-        f.flush()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -117,7 +111,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     """Read and verify one checkpoint; raises UserError if it is torn or corrupt."""
     path = Path(path)
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             if not f.attrs.get("complete", False):
                 raise UserError(f"{path}: incomplete checkpoint (no completeness marker)")
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
@@ -153,7 +147,7 @@ class LazyGroup(Mapping):
         if name not in self.names:
             raise KeyError(name)
         if self._file is None:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", locking=False)
         return self._file[self.group][name][()]
 
     def __iter__(self):

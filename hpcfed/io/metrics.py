@@ -1,26 +1,38 @@
 """``log.h5``: per-round metrics as 1-D resizable datasets (interface.md's schema).
 
 Rows are buffered in memory and appended in batches: at every evaluation, checkpoint and stop,
-and otherwise at most ``flush_seconds`` after the oldest unwritten row. The file is opened only
-for the append and closed straight after, so between appends it is a plain closed HDF5 file that
-any reader can open while the run is alive, and a killed writer loses at most the unflushed rows
-(which the next checkpoint's ``history/`` also holds). Keeping HDF5 off every round keeps it off
-the round's critical path.
+and otherwise at most ``flush_seconds`` after the oldest unwritten row. Keeping HDF5 off every
+round keeps it off the round's critical path.
 
-A reader holding the file open (HDF5 file locking) must not crash the run: an append that finds
-the file locked keeps its rows pending for the next one, and a final append (checkpoint, end) waits
-a few seconds and then writes without the lock. hpcfed's own readers open without locking, so they
-never block the writer.
+An append never changes the file in place: it changes an in-memory copy and renames that over
+``log.h5`` (hpcfed/io/storage.py; a few ms for a 10 000-row log). So between appends ``log.h5`` is
+a plain closed HDF5 file that any reader can open while the run is alive, a reader never sees a
+half-written one, and an append that fails (disk full, quota, I/O error) leaves the file exactly
+as it was, its rows kept pending for the next append (which the next checkpoint's ``history/``
+also holds). A killed writer loses at most the unflushed rows.
+
+A reader holding the file open (HDF5 file locking) must not crash the run: the writer takes an
+exclusive ``flock`` first, and an append that finds the file locked keeps its rows pending for the
+next one; a final append (checkpoint, end) waits a few seconds and then writes without the lock.
+hpcfed's own readers open without locking, so they never block the writer. A file system that
+refuses locks gets one warning, and the writer goes on without them.
+
+Optional column ``checkpoint_skipped`` (int64): 1 on the row of a round whose checkpoint could
+not be written for lack of space and was skipped (:meth:`MetricsLog.note`), else 0.
 """
 
 from __future__ import annotations
 
+import io
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from hpcfed.io import storage
 
 COLUMNS = {
     "round": np.int64,
@@ -32,7 +44,12 @@ COLUMNS = {
     "wall_time": np.float64,
     "sim_time": np.float64,
 }
-OPTIONAL_INT = {"rejected_updates", "dropped_clients", "slow_clients"}  # further optional: float64
+OPTIONAL_INT = {"rejected_updates", "dropped_clients", "slow_clients", "checkpoint_skipped"}  # else float64
+CHUNK = 256  # rows per chunk of a column (2 KiB: a short run's log stays small)
+
+
+class UnusableLog(ValueError):
+    """The log cannot be read or does not hold what it should (the caller rebuilds it)."""
 
 
 def _dtype(name: str):
@@ -49,19 +66,44 @@ class MetricsLog:
         self.flush_seconds = flush_seconds
         self.pending: list[dict] = []
         self.pending_groups: list[tuple[str, dict]] = []  # (group, one evaluation's row)
+        self.notes: dict[tuple[str, int], int | float] = {}  # (column, round) -> value, set at the next flush
+        self.error: OSError | None = None  # why the last append failed (rows kept pending), else None
         self.last_flush = time.monotonic()
 
     def create(self, attrs: dict, groups: dict[str, dict] | None = None) -> None:
         """A fresh log; ``groups``: an algorithm's own groups and their attributes (e.g. SuperFed's
         ``family/``), whose rows :meth:`append_group` adds per evaluation."""
-        with h5py.File(self.path, "w") as f:
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
             for k, v in attrs.items():
                 f.attrs[k] = v
             g = f.create_group("metrics")
             for name, dtype in COLUMNS.items():
-                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK,))
             for name, group_attrs in (groups or {}).items():
                 f.create_group(name).attrs.update(group_attrs)
+        storage.replace_file(self.path, image.getbuffer())
+
+    @contextmanager
+    def _rewrite(self, locking: bool, durable: bool):
+        """The log as an h5py file in memory; when the block ends, it replaces ``log.h5`` (atomic).
+        ``locking``: hold an exclusive flock on the current file meanwhile (BlockingIOError if a
+        reader holds it). Reading failures raise :class:`UnusableLog`; storage failures OSError."""
+        with open(self.path, "rb+") as current:
+            if locking:
+                storage.lock_exclusive(current.fileno(), self.path)
+            image = io.BytesIO(current.read())
+            try:
+                f = h5py.File(image, "r+")
+            except (OSError, ValueError) as exc:
+                raise UnusableLog(f"{self.path}: not a readable HDF5 file ({exc})") from None
+            with f:
+                yield f
+            storage.replace_file(self.path, image.getbuffer(), durable=durable)
+
+    def note(self, round_index: int, column: str, value: int | float = 1) -> None:
+        """Set ``column`` on the row of ``round_index`` (written or pending) at the next flush."""
+        self.notes[(column, round_index)] = value
 
     def append_group(self, group: str, round_index: int, values: dict[str, np.ndarray]) -> None:
         """One evaluation's row of ``group``: a dataset ``round`` and one [rows × k] dataset per
@@ -73,43 +115,64 @@ class MetricsLog:
         if force or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush(wait=0.0)
 
-    def flush(self, wait: float = 10.0) -> None:
+    def flush(self, wait: float = 10.0, strict: bool = False) -> None:
         """Append the pending rows. If a reader holds the file locked, retry for ``wait`` seconds;
-        with ``wait = 0`` keep the rows for the next append instead."""
+        with ``wait = 0`` keep the rows for the next append instead. A storage failure (disk full,
+        quota, I/O error) leaves the file as it was and keeps the rows pending; ``strict`` raises
+        it (the checkpoint's append), otherwise it is kept in :attr:`error` (appends mid-round,
+        and the last-chance flush of a run that is already failing)."""
         self.last_flush = time.monotonic()
-        if not self.pending and not self.pending_groups:
+        if not self.pending and not self.pending_groups and not self.notes:
             return
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                self._write(self.pending, locking=True)
-                break
-            except BlockingIOError:
-                if wait == 0.0:
-                    return  # rows stay pending
-                if time.monotonic() >= deadline:
-                    msg = f"{self.path} stayed locked by a reader; appending without the lock"
-                    warnings.warn(msg, stacklevel=2)
-                    self._write(self.pending, locking=False)
+        try:
+            while True:
+                try:
+                    self._write(self.pending, locking=True, durable=wait > 0)
                     break
-                time.sleep(0.05)
+                except BlockingIOError:
+                    if wait == 0.0:
+                        return  # rows stay pending
+                    if time.monotonic() >= deadline:
+                        msg = f"{self.path} stayed locked by a reader; appending without the lock"
+                        warnings.warn(msg, stacklevel=2)
+                        self._write(self.pending, locking=False, durable=True)
+                        break
+                    time.sleep(0.05)
+        except OSError as exc:
+            if not storage.is_storage(exc):
+                raise
+            self.error = exc
+            if strict:
+                raise
+            return  # rows stay pending
         self.pending = []
         self.pending_groups = []
+        self.notes = {}
+        self.error = None
 
-    def _write(self, rows: list[dict], locking: bool) -> None:
-        with h5py.File(self.path, "a", locking=locking) as f:
+    def _write(self, rows: list[dict], locking: bool, durable: bool) -> None:
+        with self._rewrite(locking, durable) as f:
             g = f["metrics"]
             n_old = g["round"].shape[0]
-            names = set(g) | {k for r in rows for k in r}
+            names = set(g) | {k for r in rows for k in r} | {name for name, _ in self.notes}
             for name in names:
                 if name not in g:  # an optional column appearing late is back-filled
                     g.create_dataset(
-                        name, data=np.full(n_old, _fill(name), _dtype(name)), maxshape=(None,), chunks=(1024,)
+                        name,
+                        data=np.full(n_old, _fill(name), _dtype(name)),
+                        maxshape=(None,),
+                        chunks=(CHUNK,),
                     )
                 column = np.array([r.get(name, _fill(name)) for r in rows], dtype=_dtype(name))
                 ds = g[name]
                 ds.resize((n_old + len(rows),))
                 ds[n_old:] = column
+            rounds = g["round"][()]
+            for (name, rnd), value in self.notes.items():
+                at = np.flatnonzero(rounds == rnd)
+                if at.size:
+                    g[name][at[-1]] = value
             for group, row in self.pending_groups:
                 grp = f.require_group(group)
                 for name, value in row.items():
@@ -124,16 +187,21 @@ class MetricsLog:
     def truncate(self, rounds_done: int) -> None:
         """Cut every column back to the rows of rounds < rounds_done (resume: each round once).
 
-        Raises ValueError if the log does not hold exactly rounds 0..rounds_done-1 by then (rows
-        lost to a killed writer, columns of unequal length): the caller rebuilds it instead."""
-        with h5py.File(self.path, "a", locking=False) as f:
+        Raises ValueError (:class:`UnusableLog`) if the log cannot be read or does not hold exactly
+        rounds 0..rounds_done-1 by then (rows lost to a killed writer, columns of unequal length):
+        the caller rebuilds it instead. A failure to write the cut log is an OSError."""
+        with self._rewrite(locking=False, durable=True) as f:
+            if "metrics" not in f or "round" not in f["metrics"]:
+                raise UnusableLog(f"{self.path}: no metrics/round")
             g = f["metrics"]
             rounds = g["round"][()]
             keep = int(np.searchsorted(rounds, rounds_done))
             if not np.array_equal(rounds[:keep], np.arange(rounds_done)):
-                raise ValueError(f"{self.path}: holds {keep} rows before round {rounds_done}, not rounds 0..")
+                raise UnusableLog(
+                    f"{self.path}: holds {keep} rows before round {rounds_done}, not rounds 0.."
+                )
             if any(g[name].shape[0] < keep for name in g):
-                raise ValueError(f"{self.path}: columns of unequal length")
+                raise UnusableLog(f"{self.path}: columns of unequal length")
             for name in g:
                 g[name].resize((keep,))
             for grp in _row_groups(f):  # e.g. family/: rows of evaluations, each with its round
@@ -150,10 +218,14 @@ class MetricsLog:
                 group = grp.name.lstrip("/")
                 cols.update({f"{group}.{name}": grp[name][()] for name in grp})
         metric_names = [k for k in cols if "." not in k]
-        for name in set(metric_names) | {k for r in self.pending for k in r}:
+        for name in set(metric_names) | {k for r in self.pending for k in r} | {n for n, _ in self.notes}:
             base = cols.get(name, np.full(len(cols[metric_names[0]]), _fill(name), _dtype(name)))
             extra = np.array([r.get(name, _fill(name)) for r in self.pending], dtype=_dtype(name))
             cols[name] = np.concatenate([base, extra])
+        for (name, rnd), value in self.notes.items():
+            at = np.flatnonzero(cols["round"] == rnd)
+            if at.size:
+                cols[name][at[-1]] = value
         for group, row in self.pending_groups:
             for name, value in row.items():
                 key, arr = f"{group}.{name}", np.asarray(value)[None]
