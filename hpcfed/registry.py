@@ -44,6 +44,8 @@ BUILTINS: dict[str, dict[str, Builtin]] = {
         "elastic_resnet": Builtin(
             "hpcfed.models.elastic:build_elastic_resnet", ("channels", "blocks", "norm", "subnet")
         ),
+        "char_lstm": Builtin("hpcfed.models.char:build_char_lstm"),
+        "char_transformer": Builtin("hpcfed.models.char:build_char_transformer"),
     },
     "data.dataset": {
         "digits": Builtin("hpcfed.data.digits:load_federated"),
@@ -54,6 +56,11 @@ BUILTINS: dict[str, dict[str, Builtin]] = {
         "h5": Builtin("hpcfed.data.h5:load_federated", ("path", "test_path", "num_clients", "partition")),
         "mnist": Builtin("hpcfed.data.torchvision_local:load_mnist_federated", ("path",)),
         "cifar10": Builtin("hpcfed.data.torchvision_local:load_cifar10_federated", ("path",)),
+        "leaf": Builtin("hpcfed.data.leaf:load_federated", ("path", "test_path", "num_clients", "partition")),
+        "fed_shakespeare": Builtin(
+            "hpcfed.data.text:load_fed_shakespeare", ("path", "test_path", "num_clients", "partition")
+        ),
+        "pfl": Builtin("hpcfed.data.text:load_pfl", ("path", "test_path", "num_clients", "partition")),
     },
     "train.loss": {
         "cross_entropy": Builtin("hpcfed.losses:cross_entropy"),

@@ -112,6 +112,39 @@ def data_overrides(dataset: str, folder: Path) -> list[str]:
     if dataset == "mnist":
         write_mnist(folder)
         return [f'data.path="{folder}"']
+    if dataset in ("leaf", "fed_shakespeare", "pfl"):
+        from . import text_layouts as layouts
+
+        # Both LEAF jobs name dataset "leaf": the job under test (pytest's PYTEST_CURRENT_TEST,
+        # "...::test_job_runs_small[<job stem>] (call)") says whether its model reads images or text.
+        current = os.environ.get("PYTEST_CURRENT_TEST", "")
+        stem = current.partition("[")[2].partition("]")[0]
+        job = ROOT / "jobs" / f"{stem}.toml"
+        model = tomllib.loads(job.read_text()).get("model", {}).get("name") if job.is_file() else None
+        corpus = layouts.stdlib_corpus(6, max_lines=4)
+        leaf = [
+            f'data.path="{folder / "train"}"', f'data.test_path="{folder / "test"}"',
+            f'data.options.index_cache="{folder / "index"}"',  # not the user's ~/.cache
+        ]  # fmt: skip
+        if dataset == "leaf" and model not in ("char_lstm", "char_transformer"):  # FEMNIST
+            layouts.write_leaf(folder / "train", layouts.femnist_users(6, (5, 10), 0), 3, "train")
+            layouts.write_leaf(folder / "test", layouts.femnist_users(6, (2, 3), 1), 2, "test")
+            return leaf
+        if dataset == "leaf":  # Shakespeare: 80-character windows of two lines per speaker
+            train, test = layouts.shakespeare_users({k: v[:3] for k, v in corpus.items()}, test_every=3)
+            plays = ["THE_STDLIB"] * len(train)
+            layouts.write_leaf(folder / "train", train, 2, "train", hierarchies=plays)
+            layouts.write_leaf(folder / "test", test, 2, "test", hierarchies=plays)
+            return leaf
+        if dataset == "fed_shakespeare":
+            train, test = layouts.corpus_snippets(corpus, lines_per_snippet=1, test_every=4)
+            layouts.write_fed_shakespeare(folder / "shakespeare_train.h5", train)
+            layouts.write_fed_shakespeare(folder / "shakespeare_test.h5", test)
+            paths = folder / "shakespeare_train.h5", folder / "shakespeare_test.h5"
+            return [f'data.path="{paths[0]}"', f'data.test_path="{paths[1]}"']
+        splits = {"train": layouts.pfl_users(6, 50, 20, 0), "test": layouts.pfl_users(3, 50, 20, 1)}
+        layouts.write_pfl(folder / "pfl.hdf5", splits, vocab_size=50)
+        return [f'data.path="{folder / "pfl.hdf5"}"', f'data.test_path="{folder / "pfl.hdf5"}"']
     return []  # digits, synthetic: nothing to fetch
 
 
