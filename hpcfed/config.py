@@ -89,11 +89,21 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     # "cross_entropy" | "mse" | "module:fn", called as fn(outputs, targets) -> scalar tensor (the mean)
     loss: str = "cross_entropy"
+    # clients of a rank trained at once, vectorised (hpcfed/executor.py): 1 = one after another;
+    # "auto": groups where the model is a Linear/ReLU stack it is measured to speed up, else 1
+    parallel_clients: int | Literal["auto"] = "auto"
 
     @field_validator("loss")
     @classmethod
     def _loss_name(cls, v: str) -> str:
         return registry.check_name("train.loss", v)
+
+    @field_validator("parallel_clients")
+    @classmethod
+    def _parallel(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError('expected "auto" or a positive number of clients')
+        return v
 
 
 class FedAvgConfig(_Strict):

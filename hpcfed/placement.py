@@ -43,3 +43,29 @@ def assign(clients: np.ndarray, costs: np.ndarray, size: int, mode: str) -> list
     if mode == "fixed":
         return assign_fixed(clients, size)
     return assign_balanced(clients, costs, size)
+
+
+def assign_groups(
+    clients: np.ndarray, costs: np.ndarray, size: int, mode: str, group: int
+) -> list[list[list[int]]]:
+    """Each rank's groups of clients trained at once (hpcfed/executor.py); ``group = 1``: one
+    client a group, exactly :func:`assign`.
+
+    ``balanced``: the groups are cut from the cohort alone, never from the rank count: clients
+    sorted by cost (so a group's clients take similar numbers of steps and little is padded), cut
+    into runs of ``group``, and the groups placed whole by the same greedy rule on their summed
+    cost. ``fixed``: each home rank's clients, cut into runs of ``group`` (a client's vectorised
+    result does not depend on its group's other members; tests/test_executor.py checks it)."""
+    if group <= 1:
+        return [[[c] for c in mine] for mine in assign(clients, costs, size, mode)]
+    if mode == "fixed":
+        return [
+            [mine[i : i + group] for i in range(0, len(mine), group)] for mine in assign_fixed(clients, size)
+        ]
+    order = sorted(range(len(clients)), key=lambda i: (-float(costs[i]), int(clients[i])))
+    groups = [sorted(int(clients[i]) for i in order[s : s + group]) for s in range(0, len(order), group)]
+    cost_of = {int(c): float(k) for c, k in zip(clients, costs)}
+    group_costs = [sum(cost_of[c] for c in g) for g in groups]
+    ids = np.arange(len(groups))
+    placed = assign_balanced(ids, np.array(group_costs), size)
+    return [[groups[g] for g in mine] for mine in placed]

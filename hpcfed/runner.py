@@ -31,13 +31,13 @@ from hpcfed.comm import (
 )
 from hpcfed.config import JobConfig, UserError, to_toml
 from hpcfed.data import load_federated
+from hpcfed.executor import FusedMLP, GroupRun, group_size
 from hpcfed.faults import FAULT_METRICS, Faults
 from hpcfed.flat import FlatModel
 from hpcfed.io import storage
 from hpcfed.io.checkpoint import Checkpoint, save_checkpoint
 from hpcfed.io.metrics import MetricsLog
 from hpcfed.models import build_model
-from hpcfed.executor import FusedMLP, GroupRun, group_size
 from hpcfed.placement import assign_groups, training_cost
 from hpcfed.rng import cohort
 from hpcfed.robust import RobustAggregation, is_finite
@@ -98,7 +98,8 @@ class Run:
         self.flat = FlatModel(module)
         self.strategy = make_strategy(job, self.flat, self.data, self.device, comm)
         # clients trained at once, vectorised, where the model allows (train.parallel_clients)
-        self.fused = FusedMLP.build(self.flat, self.strategy.trainer) if job.train.parallel_clients != 1 else None
+        vectorise = job.train.parallel_clients != 1
+        self.fused = FusedMLP.build(self.flat, self.strategy.trainer) if vectorise else None
         self.group_size = group_size(job.train.parallel_clients, self.fused)
         self.user_code = registry.user_code(job_references(job))  # files and hashes, for checkpoints
         self.state = self.strategy.init_state()

@@ -94,6 +94,8 @@ class GradientCorrection:
 
     items: list[tuple[torch.nn.Parameter, torch.Tensor | None, torch.Tensor | None]]
     prox_mu: float = 0.0
+    flat_anchor: torch.Tensor | None = None  # the whole-model vectors (the vectorised executor's)
+    flat_offset: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, flat, params, *, prox_mu: float = 0.0, anchor=None, offset=None) -> GradientCorrection:
@@ -111,7 +113,8 @@ class GradientCorrection:
             a = anchor_t[s].view(p.shape) if anchor_t is not None and prox_mu else None
             o = offset_t[s].view(p.shape) if offset_t is not None else None
             items.append((p, a, o))
-        return cls(items=items, prox_mu=float(prox_mu))
+        anchor_t = anchor_t if prox_mu else None
+        return cls(items=items, prox_mu=float(prox_mu), flat_anchor=anchor_t, flat_offset=offset_t)
 
     @torch.no_grad()
     def apply(self) -> None:

@@ -63,6 +63,8 @@ class Strategy:
     # The keys of the job's [strategy] table: a pydantic model (unknown keys are errors); None
     # takes the table as a plain dict.
     Options: ClassVar[type[BaseModel] | None] = None
+    # the group of clients the engine is training at once (hpcfed.executor.GroupRun), or None
+    group = None
 
     def __init__(self, job: JobConfig, flat: FlatModel, data, device, comm):
         self.job = job
@@ -138,6 +140,12 @@ class Strategy:
         term, control variates."""
         from hpcfed.rng import torch_generator
 
+        group = self.group  # clients the engine trains at once (hpcfed/executor.py), or None
+        if group is not None and client_id in group.clients:
+            done = group.result(self, client_id, round_index, correction)
+            if done is not None:  # the group started from this same model: take its result
+                self.flat.set(done.vector)
+                return done.loss, done.steps, int(self.data.client_sizes[client_id])
         x, y = self.data.client(client_id)
         x, y = x.to(self.device), y.to(self.device)
         gen = torch_generator(self.job.seed, "train", round_index, client_id)
