@@ -106,6 +106,17 @@ DISKFILL = """
 import os
 from hpcfed.algorithms import FedAvg
 
+def fill(path):
+    \"""Write zeros to ``path`` until its file system is full.\"""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 class Filler(FedAvg):
     def begin_round(self, state, round_index):
         super().begin_round(state, round_index)
@@ -114,14 +125,7 @@ class Filler(FedAvg):
             return
         if round_index == opts["fill_at"] and not os.path.exists(opts["marker"]):
             open(opts["marker"], "w").close()
-            fd = os.open(opts["filler"], os.O_WRONLY | os.O_CREAT)
-            try:
-                while True:
-                    os.write(fd, bytes(4096))
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            fill(opts["filler"])
         if round_index == opts.get("free_at", -1) and os.path.exists(opts["filler"]):
             os.remove(opts["filler"])
 """
@@ -188,14 +192,9 @@ def test_a_log_append_that_fails_keeps_the_file_and_the_rows(small_fs):
     log.create({"algorithm": "fedavg"})
     row = {name: 1 for name in COLUMNS}
     log.append({**row, "round": 0})
-    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, bytes(4096))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    helpers: dict = {}
+    exec(DISKFILL, helpers)
+    helpers["fill"](small_fs / "filler")
     for r in (1, 2):
         log.append({**row, "round": r})  # fails, quietly: the rows stay pending
     assert len(log.pending) == 2 and log.error.errno == errno.ENOSPC
