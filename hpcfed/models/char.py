@@ -37,6 +37,18 @@ from hpcfed.errors import UserError
 OUTPUTS = ("sequence", "last")
 
 
+def _token_ids(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The model's input as it must be: integer token ids. Float inputs mean the model is fed
+    something other than a text dataset, e.g. by PriSM, which probes models with float zeros (its
+    factorised forms exist for mlp, cnn and resnet only): exit 2 naming the key, not a traceback."""
+    if x.is_floating_point():
+        raise UserError(
+            f"model.name = {name!r} takes integer token ids (a text dataset) but was given {x.dtype} inputs; "
+            "an algorithm that builds its own form of the model (prism, superfed) cannot train it"
+        )
+    return x
+
+
 def _check(name: str, input_shape, num_classes: int, vocab_size: int | None, outputs: str, **positive):
     if len(tuple(input_shape)) != 1:
         raise UserError(
@@ -70,7 +82,7 @@ class CharLSTM(nn.Module):
         self.head = nn.Linear(hidden_size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.lstm(self.embedding(x))
+        h, _ = self.lstm(self.embedding(_token_ids("char_lstm", x)))
         return self.head(h[:, -1] if self.outputs == "last" else h)
 
 
@@ -136,7 +148,7 @@ class CharTransformer(nn.Module):
             raise ValueError(
                 f"sequence of {t} tokens; the model was built for at most {self.position.num_embeddings}"
             )
-        h = self.embedding(x) + self.position.weight[:t]
+        h = self.embedding(_token_ids("char_transformer", x)) + self.position.weight[:t]
         for block in self.blocks:
             h = block(h)
         h = self.norm(h)
