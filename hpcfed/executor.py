@@ -18,10 +18,12 @@ weight decay) applied to the stack. Per client it is the computation of the sequ
   shared by the group) is added to each gradient as in the sequential loop; only the parameters
   the trainer trains move (FedPT's frozen layers stay).
 
-Each client's result does not depend on which clients share its group (batched products are
-computed matrix by matrix), which the tests check; the engine still forms groups from the cohort
-alone and places each group whole on one rank (hpcfed/placement.py), so the rank count cannot
-change a result even where that property fails (other BLAS builds, GPUs).
+A client's result can differ in the last bits with the clients that share its group (each step
+pads to the group's widest batch, and the width changes how BLAS blocks a product), so the engine
+forms groups from the cohort alone and places each group whole on one rank
+(hpcfed/placement.py): the rank count never changes a group, hence never a result. Strategies
+whose clients live on fixed home ranks (``placement = "fixed"``) train one at a time, since their
+groups could only be cut per rank.
 
 How it plugs in: the engine tells the strategy which clients form the group; the first
 :meth:`hpcfed.Strategy.train_client` of the group trains the whole group from the model then
@@ -128,92 +130,94 @@ class FusedMLP:
         return max(layer.out_features for layer in self.layers[:-1]) if len(self.layers) > 1 else 0
 
     # -- batches ------------------------------------------------------------------------------
-    def _orders(self, n: int, generator: torch.Generator, limit: int | None) -> list[torch.Tensor]:
-        """The client's minibatches, drawn as LocalSGD._run draws them (one randperm per epoch)."""
-        cfg, batches = self.cfg, []
-        for _ in range(cfg.epochs):
-            if n == 0 or (limit is not None and len(batches) >= limit):
-                break
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, cfg.batch_size):
-                if limit is not None and len(batches) == limit:
-                    break
-                batches.append(order[start : start + cfg.batch_size])
-        return batches
+    def _steps(self, n: int, generator: torch.Generator, limit: int | None) -> np.ndarray:
+        """The client's minibatches as rows of sample indices padded with -1, ``[steps, B]``:
+        drawn as LocalSGD._run draws them (one randperm per epoch, batches of B in order, the
+        last of an epoch partial), cut at ``limit`` steps (a straggler)."""
+        cfg, B = self.cfg, self.cfg.batch_size
+        per_epoch = -(-n // B)
+        epochs = cfg.epochs if limit is None else min(cfg.epochs, -(-limit // per_epoch)) if n else 0
+        rows = np.full((epochs * per_epoch, B), -1, dtype=np.int64)
+        flat = rows.reshape(epochs, per_epoch * B)
+        for e in range(epochs):
+            flat[e, :n] = torch.randperm(n, generator=generator).numpy()
+        return rows if limit is None else rows[:limit]
 
     # -- training -------------------------------------------------------------------------------
     @torch.no_grad()
     def train(self, start: torch.Tensor, clients, correction=None) -> list[ClientResult]:
         """Train each of ``clients`` — ``(x, y, generator, max_steps or None)`` — from ``start``
         (the flat model); returns their results in the same order."""
-        device, cfg, B = start.device, self.cfg, self.cfg.batch_size
-        plans = [self._orders(int(x.shape[0]), gen, limit) for x, _, gen, limit in clients]
+        device, cfg = start.device, self.cfg
+        plans = [self._steps(int(x.shape[0]), gen, limit) for x, _, gen, limit in clients]
         order = sorted(range(len(clients)), key=lambda i: -len(plans[i]))  # still training: a prefix
         G, T = len(clients), max((len(p) for p in plans), default=0)
         # all of the group's samples in one tensor, plus one zero row that padding points at
-        xs = [clients[i][0].reshape(clients[i][0].shape[0], -1) for i in order]
-        ys = [clients[i][1] for i in order]
         d_in = self.layers[0].in_features
+        xs = [clients[i][0].reshape(clients[i][0].shape[0], d_in) for i in order]
         X = torch.cat([*xs, torch.zeros(1, d_in)]).to(device=device, dtype=torch.float32)
-        Y = torch.cat([*ys, torch.zeros(1, dtype=torch.long)]).to(device)
+        Y = torch.cat([*(clients[i][1] for i in order), torch.zeros(1, dtype=torch.long)]).to(device)
         pad = X.shape[0] - 1
-        offsets = np.concatenate([[0], np.cumsum([x.shape[0] for x in xs])])
-        index = torch.full((T, G, B), pad, dtype=torch.long)
-        active = np.zeros(T, dtype=np.int64)  # clients still training at each step
+        offsets = np.cumsum([0, *(x.shape[0] for x in xs)])
+        index = np.full((T, G, cfg.batch_size), pad, dtype=np.int64)
         for slot, i in enumerate(order):
-            for t, batch in enumerate(plans[i]):
-                index[t, slot, : batch.numel()] = batch + int(offsets[slot])
-            active[: len(plans[i])] = slot + 1
-        index = index.to(device)
-        real = (index != pad).to(torch.float32)  # [T, G, B]
-        counts = real.sum(2)  # real rows per client and step
+            rows = plans[i]
+            index[: len(rows), slot] = np.where(rows >= 0, rows + offsets[slot], pad)
+        active = np.array([sum(len(plans[i]) > t for i in order) for t in range(T)], dtype=np.int64)
+        real_np = index != pad
+        width = real_np.sum(2).max(1) if T else np.zeros(0, np.int64)  # widest real batch per step
+        index_t = torch.from_numpy(index).to(device)
+        real = torch.from_numpy(real_np).to(device=device, dtype=torch.float32)  # [T, G, B]
+        counts = real.sum(2).clamp_(min=1.0)  # real rows per client and step
 
-        weights, biases = self._stack(start, G)
+        # the group's models: one [G, P] stack; each layer's weights are strided views into it,
+        # so the SGD steps update the stack in place and nothing is copied back
+        ends = start.unsqueeze(0).expand(G, -1).clone()
+        weights = [ends[:, L.weight].view(G, L.out_features, L.in_features) for L in self.layers]
+        biases = [ends[:, L.bias] if L.bias is not None else None for L in self.layers]
         mom = cfg.momentum
         buffers: dict[int, torch.Tensor] = {}
         anchors, offsets_c = self._correction_views(correction, device)
         loss_sum = torch.zeros(G, device=device)
+        last = len(self.layers) - 1
         for t in range(T):
-            k = int(active[t])
-            idx = index[t, :k]
-            w_real = real[t, :k] / counts[t, :k, None]  # each client's mean over its real rows
-            acts = [X[idx]]  # [k, B, d]
-            for layer_i in range(len(self.layers)):
+            k, w = int(active[t]), int(width[t])
+            idx = index_t[t, :k, :w]  # padding beyond the widest real batch is never computed
+            mask = real[t, :k, :w]
+            acts = [X[idx]]  # [k, w, d]
+            for layer_i in range(last + 1):
                 W, b = weights[layer_i][:k], biases[layer_i]
                 if b is not None:
                     z = torch.baddbmm(b[:k].unsqueeze(1), acts[-1], W.transpose(1, 2))
                 else:
                     z = torch.bmm(acts[-1], W.transpose(1, 2))
-                acts.append(torch.relu(z) if layer_i < len(self.layers) - 1 else z)
+                acts.append(torch.relu(z) if layer_i < last else z)
             logits = acts.pop()
             logp = torch.log_softmax(logits, dim=2)
-            target = Y[idx]
-            nll = -logp.gather(2, target.unsqueeze(2)).squeeze(2)  # [k, B]
-            loss_sum[:k] += (nll * real[t, :k]).sum(1)
-            grad = logp.exp()
-            grad.scatter_add_(2, target.unsqueeze(2), -torch.ones_like(nll).unsqueeze(2))
-            grad *= w_real.unsqueeze(2)  # dL/dz of the client's mean loss
-            for layer_i in range(len(self.layers) - 1, -1, -1):
+            target = Y[idx].unsqueeze(2)
+            nll = -logp.gather(2, target).squeeze(2)  # [k, w]
+            loss_sum[:k] += (nll * mask).sum(1)
+            grad = logp.exp_()
+            grad.scatter_add_(2, target, torch.full_like(nll, -1.0).unsqueeze(2))
+            grad *= (mask / counts[t, :k, None]).unsqueeze(2)  # dL/dz of each client's mean loss
+            for layer_i in range(last, -1, -1):
                 layer = self.layers[layer_i]
                 a_prev = acts[layer_i]
                 W = weights[layer_i][:k]
-                if layer_i > 0:  # before W changes: the gradient flowing to the layer below
-                    below = torch.bmm(grad, W) * (a_prev > 0)
+                below = torch.bmm(grad, W) * (a_prev > 0) if layer_i > 0 else None  # before W moves
                 if layer.train_weight:
                     gW = torch.bmm(grad.transpose(1, 2), a_prev)
                     key = 2 * layer_i
                     self._step(weights[layer_i], gW, k, buffers, key, anchors, offsets_c, layer.weight, mom)
                 if layer.train_bias:
-                    gb = grad.sum(1)
                     key = 2 * layer_i + 1
+                    gb = grad.sum(1)
                     self._step(biases[layer_i], gb, k, buffers, key, anchors, offsets_c, layer.bias, mom)
-                if layer_i > 0:
-                    grad = below
-        ends = self._unstack(start, weights, biases, G)
+                grad = below
         losses = loss_sum.cpu().numpy()  # the group's one host sync
         results: list[ClientResult | None] = [None] * G
         for slot, i in enumerate(order):
-            seen = int(sum(int(b.numel()) for b in plans[i]))
+            seen = int((plans[i] >= 0).sum())
             results[i] = ClientResult(ends[slot], float(losses[slot]) / max(seen, 1), len(plans[i]), seen)
         return results
 
@@ -248,29 +252,9 @@ class FusedMLP:
         offset = correction.flat_offset.to(device) if correction.flat_offset is not None else None
         return anchors, offset
 
-    def _stack(self, start: torch.Tensor, G: int):
-        weights, biases = [], []
-        for layer in self.layers:
-            w = start[layer.weight].view(layer.out_features, layer.in_features)
-            weights.append(w.unsqueeze(0).repeat(G, 1, 1))
-            if layer.bias is not None:
-                biases.append(start[layer.bias].unsqueeze(0).repeat(G, 1))
-            else:
-                biases.append(None)
-        return weights, biases
-
-    def _unstack(self, start: torch.Tensor, weights, biases, G: int) -> list[torch.Tensor]:
-        ends = start.unsqueeze(0).repeat(G, 1)
-        for layer, w, b in zip(self.layers, weights, biases):
-            ends[:, layer.weight] = w.reshape(G, -1)
-            if b is not None:
-                ends[:, layer.bias] = b
-        return list(ends)
-
-
-def group_size(setting, fused: FusedMLP | None) -> int:
+def group_size(setting, fused: FusedMLP | None, placement: str = "balanced") -> int:
     """Clients trained at once: ``train.parallel_clients`` resolved for this model (1: one by one)."""
-    if fused is None:
+    if fused is None or placement == "fixed":
         return 1
     if setting == "auto":
         return AUTO_GROUP if fused.max_width <= AUTO_MAX_WIDTH else 1

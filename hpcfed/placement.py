@@ -54,14 +54,10 @@ def assign_groups(
     ``balanced``: the groups are cut from the cohort alone, never from the rank count: clients
     sorted by cost (so a group's clients take similar numbers of steps and little is padded), cut
     into runs of ``group``, and the groups placed whole by the same greedy rule on their summed
-    cost. ``fixed``: each home rank's clients, cut into runs of ``group`` (a client's vectorised
-    result does not depend on its group's other members; tests/test_executor.py checks it)."""
-    if group <= 1:
+    cost (a vectorised client's last bits depend on its group, never on the rank count). ``fixed``
+    placement trains one client at a time (hpcfed/executor.py)."""
+    if group <= 1 or mode == "fixed":
         return [[[c] for c in mine] for mine in assign(clients, costs, size, mode)]
-    if mode == "fixed":
-        return [
-            [mine[i : i + group] for i in range(0, len(mine), group)] for mine in assign_fixed(clients, size)
-        ]
     order = sorted(range(len(clients)), key=lambda i: (-float(costs[i]), int(clients[i])))
     groups = [sorted(int(clients[i]) for i in order[s : s + group]) for s in range(0, len(order), group)]
     cost_of = {int(c): float(k) for c, k in zip(clients, costs)}

@@ -100,7 +100,7 @@ class Run:
         # clients trained at once, vectorised, where the model allows (train.parallel_clients)
         vectorise = job.train.parallel_clients != 1
         self.fused = FusedMLP.build(self.flat, self.strategy.trainer) if vectorise else None
-        self.group_size = group_size(job.train.parallel_clients, self.fused)
+        self.group_size = group_size(job.train.parallel_clients, self.fused, self.strategy.placement)
         self.user_code = registry.user_code(job_references(job))  # files and hashes, for checkpoints
         self.state = self.strategy.init_state()
         # [faults] and the engine's update checks (hpcfed/faults.py, hpcfed/robust.py); their counts

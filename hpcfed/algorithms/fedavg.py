@@ -81,12 +81,14 @@ class FedAvg(Strategy):
         return "fixed" if self.compression.needs_home_rank else self.job.placement
 
     def begin_round(self, state, round_index):
-        # every client receives the same model: encode it once per round and per rank
+        # every client receives the same bytes: encode them once per round and per rank, and
+        # decode them once (each client's copy of the decoded model is the same array)
         self._down, _ = self.codec.encode(self.part(state["model"]), {})
         self._down_len = self.compression.down_bytes(state, len(self._down))
+        self._received, _ = self.codec.decode(self._down, {})
 
     def client_update(self, state, client_id, round_index) -> Update:
-        received, _ = self.codec.decode(self._down, {})
+        received = self._received
         self.load_part(received)
         loss, self.last_steps, samples = self.local_training(client_id, round_index)
         delta = self.read_part() - received
