@@ -295,7 +295,7 @@ def build_index(path: Path, key_name: str) -> dict:
                     raise fail(f"{where}[{bad!r}] holds text that is not UTF-8; expected UTF-8 JSON")
                 if user in spans:
                     raise fail(f"user {user!r} appears twice in user_data")
-                kind, shape, n, high = summarise(value, f"user {user!r}: user_data[{user!r}]")
+                kind, shape, n, high = summarise(value, f"{key_name} = {path}: {where}")
                 kinds.setdefault((kind, shape), user)
                 if len(kinds) > 1:
                     (k0, s0), first = next(iter(kinds.items()))
