@@ -26,13 +26,10 @@ SHAKESPEARE_JOB = ROOT / "jobs" / "fedavg_shakespeare_leaf.toml"
 
 
 def _load(tmp_path: Path, train: Path, test: Path, job: Path = FEMNIST_JOB, *overrides: str):
+    paths = [f'data.path="{train}"', f'data.test_path="{test}"']
     cfg = load_job(
-        job,
-        [
-            f'data.path="{train}"', f'data.test_path="{test}"', f'data.options.index_cache="{tmp_path / "idx"}"',
-            "clients_per_round=1", *overrides,
-        ],
-    )  # fmt: skip
+        job, [*paths, f'data.options.index_cache="{tmp_path / "idx"}"', "clients_per_round=1", *overrides]
+    )
     return load_federated(cfg.data, cfg.seed)
 
 
@@ -105,8 +102,8 @@ def test_shakespeare_strings_become_leaf_letter_ids(tmp_path):
 
 
 def test_sent140_tokens_over_the_users_vocabulary(tmp_path):
-    rows = [["1", "Mon Apr 06", "NO_QUERY", "amy", "I love it, really!"], ["2", "d", "q", "amy", "so sad today"]]
-    users = {"amy": {"x": rows, "y": [1, 0]}, "bob": {"x": [["3", "d", "q", "bob", "love love love"]], "y": [1]}}
+    rows = [["1", "Mon Apr 06", "NO_QUERY", "amy", "I love it, really!"], ["2", "d", "q", "amy", "so sad"]]
+    users = {"amy": {"x": rows, "y": [1, 0]}, "bob": {"x": [["3", "d", "q", "bob", "love love"]], "y": [1]}}
     layouts.write_leaf(tmp_path / "train", users, 2, "train")
     layouts.write_leaf(tmp_path / "test", users, 1, "test")
     words = ["i", "love", "it", ",", "really", "!", "so", "sad"]
@@ -209,12 +206,16 @@ def _doc() -> dict:
     return {
         "users": ["u0", "u1"],
         "num_samples": [2, 1],
-        "user_data": {"u0": {"x": [[0.1, 0.2], [0.3, 0.4]], "y": [1, 2]}, "u1": {"x": [[0.5, 0.6]], "y": [0]}},
+        "user_data": {
+            "u0": {"x": [[0.1, 0.2], [0.3, 0.4]], "y": [1, 2]},
+            "u1": {"x": [[0.5, 0.6]], "y": [0]},
+        },
     }
 
 
 def _shakespeare_doc() -> dict:
-    return {"users": ["ROMEO"], "num_samples": [2], "user_data": {"ROMEO": {"x": ["to be", "o be "], "y": ["o", "t"]}}}
+    romeo = {"x": ["to be", "o be "], "y": ["o", "t"]}
+    return {"users": ["ROMEO"], "num_samples": [2], "user_data": {"ROMEO": romeo}}
 
 
 def _drop(d: dict, *path):
@@ -240,12 +241,18 @@ BAD = {
     "negative label": (lambda d: d["user_data"]["u1"].update(y=[-1]), "u1", "['y']"),
     "unlisted user": (lambda d: d["user_data"].update(u2={"x": [[0.0, 0.0]], "y": [0]}), "u2", "'users'"),
 }
+
+
+def _romeo(d: dict) -> dict:
+    return d["user_data"]["ROMEO"]
+
+
 BAD_TEXT = {
-    "letter outside the vocabulary": (lambda d: d["user_data"]["ROMEO"].update(y=["o", "~"]), "ROMEO", "['y']"),
-    "x outside the vocabulary": (lambda d: d["user_data"]["ROMEO"]["x"].__setitem__(1, "o b\u00e9 "), "ROMEO", "['x']"),
-    "ragged strings": (lambda d: d["user_data"]["ROMEO"]["x"].__setitem__(1, "o be"), "ROMEO", "['x']"),
-    "y not one character": (lambda d: d["user_data"]["ROMEO"].update(y=["o", "th"]), "ROMEO", "['y']"),
-}  # fmt: skip
+    "letter outside the vocabulary": (lambda d: _romeo(d).update(y=["o", "~"]), "ROMEO", "['y']"),
+    "x outside the vocabulary": (lambda d: _romeo(d)["x"].__setitem__(1, "o b\u00e9 "), "ROMEO", "['x']"),
+    "ragged strings": (lambda d: _romeo(d)["x"].__setitem__(1, "o be"), "ROMEO", "['x']"),
+    "y not one character": (lambda d: _romeo(d).update(y=["o", "th"]), "ROMEO", "['y']"),
+}
 
 
 @pytest.mark.parametrize("case", [*BAD, *BAD_TEXT])
@@ -271,13 +278,15 @@ def test_non_utf8_text_names_the_user_and_the_key(tmp_path):
     bad = tmp_path / "train" / "all_data_0.json"
     raw = json.dumps(_shakespeare_doc()).encode().replace(b'"to be"', b'"to b\xe9"')
     bad.write_bytes(raw)
-    with pytest.raises(UserError, match=re.escape(f"data.path = {bad}: user 'ROMEO'") + r".*\['x'\].*not UTF-8"):
+    expected = re.escape(f"data.path = {bad}: user 'ROMEO'") + r".*\['x'\].*not UTF-8"
+    with pytest.raises(UserError, match=expected):
         _load(tmp_path, tmp_path / "train", tmp_path / "train", SHAKESPEARE_JOB, "data.num_clients=1")
 
 
 def test_invalid_json_and_missing_folder(tmp_path):
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "a.json").write_text('{"users": ["u0"], "num_samples": [1], "user_data": {"u0": {"x": [[1')
+    cut = '{"users": ["u0"], "num_samples": [1], "user_data": {"u0": {"x": [[1'  # a truncated file
+    (tmp_path / "train" / "a.json").write_text(cut)
     with pytest.raises(UserError, match=r"user 'u0'.*invalid JSON"):
         _load(tmp_path, tmp_path / "train", tmp_path / "train", FEMNIST_JOB, "data.num_clients=1")
     layouts.write_leaf(tmp_path / "good", {"u0": _doc()["user_data"]["u0"]}, 1, "train")
@@ -293,8 +302,13 @@ def test_bad_file_is_exit_2_on_one_line(tmp_path):
     _drop(doc, "user_data", "u1")
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "all_data_0.json").write_text(json.dumps(doc))
-    proc = hpcfed("check", FEMNIST_JOB, f'data.path="{tmp_path / "train"}"', f'data.test_path="{tmp_path / "train"}"',
-                  "data.num_clients=1", "clients_per_round=1", f'data.options.index_cache="{tmp_path / "idx"}"')  # fmt: skip
+    folder = tmp_path / "train"
+    args = [
+        f'data.path="{folder}"',
+        f'data.test_path="{folder}"',
+        f'data.options.index_cache="{tmp_path}/idx"',
+    ]
+    proc = hpcfed("check", FEMNIST_JOB, *args, "data.num_clients=1", "clients_per_round=1")
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpcfed: error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "user 'u1' is listed in 'users' but has no data in 'user_data'" in lines[0]
