@@ -168,7 +168,9 @@ class FusedMLP:
         width = real_np.sum(2).max(1) if T else np.zeros(0, np.int64)  # widest real batch per step
         index_t = torch.from_numpy(index).to(device)
         real = torch.from_numpy(real_np).to(device=device, dtype=torch.float32)  # [T, G, B]
-        counts = real.sum(2).clamp_(min=1.0)  # real rows per client and step
+        # each real row's weight in its client's mean loss: dL/dz of the mean is (p - onehot) * this
+        row_weight = (real / real.sum(2, keepdim=True).clamp_(min=1.0)).unsqueeze(3)  # [T, G, B, 1]
+        minus_one = torch.full((G, cfg.batch_size, 1), -1.0, device=device)
 
         # the group's models: one [G, P] stack; each layer's weights are strided views into it,
         # so the SGD steps update the stack in place and nothing is copied back
@@ -180,6 +182,8 @@ class FusedMLP:
         anchors, offsets_c = self._correction_views(correction, device)
         loss_sum = torch.zeros(G, device=device)
         last = len(self.layers) - 1
+        # plain SGD (no momentum, weight decay or correction): W -= lr * g^T a in one fused product
+        plain = not (mom or cfg.weight_decay or anchors is not None or offsets_c is not None)
         for t in range(T):
             k, w = int(active[t]), int(width[t])
             idx = index_t[t, :k, :w]  # padding beyond the widest real batch is never computed
@@ -198,13 +202,20 @@ class FusedMLP:
             nll = -logp.gather(2, target).squeeze(2)  # [k, w]
             loss_sum[:k] += (nll * mask).sum(1)
             grad = logp.exp_()
-            grad.scatter_add_(2, target, torch.full_like(nll, -1.0).unsqueeze(2))
-            grad *= (mask / counts[t, :k, None]).unsqueeze(2)  # dL/dz of each client's mean loss
+            grad.scatter_add_(2, target, minus_one[:k, :w])
+            grad *= row_weight[t, :k, :w]  # dL/dz of each client's mean loss
             for layer_i in range(last, -1, -1):
                 layer = self.layers[layer_i]
                 a_prev = acts[layer_i]
                 W = weights[layer_i][:k]
                 below = torch.bmm(grad, W) * (a_prev > 0) if layer_i > 0 else None  # before W moves
+                if plain:
+                    if layer.train_weight:
+                        W.baddbmm_(grad.transpose(1, 2), a_prev, alpha=-cfg.lr)
+                    if layer.train_bias:
+                        biases[layer_i][:k].add_(grad.sum(1), alpha=-cfg.lr)
+                    grad = below
+                    continue
                 if layer.train_weight:
                     gW = torch.bmm(grad.transpose(1, 2), a_prev)
                     key = 2 * layer_i

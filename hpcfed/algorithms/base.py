@@ -201,6 +201,11 @@ class Strategy:
     def client_update(self, state: dict[str, np.ndarray], client_id: int, round_index: int) -> Update:
         raise NotImplementedError
 
+    def group_update(self, state: dict[str, np.ndarray], client_ids: list[int], round_index: int):
+        """Optional: the summed :class:`Update` of a group the engine trains at once (``self.group``),
+        equal to the sum of the clients' ``client_update``; None (the default) runs them one by one."""
+        return None
+
     # -- state beyond the server's (per-client state), for checkpoints ---------------------------
     def extra_state(self) -> dict[str, np.ndarray]:
         """This rank's part of the per-client state (the engine gathers every rank's)."""

@@ -20,6 +20,7 @@ how clients are spread over ranks. A ``[dp]`` table makes it DP-FedAvg (McMahan 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.algorithms.compression import Compression
@@ -102,6 +103,47 @@ class FedAvg(Strategy):
         clipped, was_clipped = self.dp.clip(decoded)
         metrics["clipped_updates"] = float(was_clipped)
         return Update(value=clipped, weight=1.0, metrics=metrics)
+
+    def group_update(self, state, client_ids: list[int], round_index: int) -> Update | None:
+        """The summed update of a group of clients trained at once (hpcfed/executor.py), in one
+        pass over the stacked models; None where the per-client path must run (DP clipping, a
+        compressing uplink, or a subclass that changes ``client_update``). Each client's delta is
+        still encoded into its own message (its bytes are counted), and a client whose delta is
+        not finite is left out and counted in ``rejected_updates``, as the engine does per client."""
+        plain = type(self).client_update is FedAvg.client_update
+        if self.dp is not None or self.compression.up_on or not plain or self.group is None:
+            return None
+        received = self._received
+        self.load_part(received)
+        first, *_ = client_ids
+        self.local_training(first, round_index)  # trains the whole group, with this strategy's correction
+        group = self.group
+        if group.results.keys() != set(client_ids):
+            return None  # the group did not train here (another start): per client after all
+        results = [group.results[c] for c in client_ids]
+        deltas = self.read_parts(torch.stack([r.vector for r in results])) - received  # float32 [G, p]
+        sizes = np.array([float(r.samples) for r in results])
+        losses = np.array([r.loss for r in results])
+        finite = np.isfinite(deltas.sum(axis=1))
+        up = sum(len(self.compression.identity.encode(d, {})[0]) for d in deltas)  # the real messages
+        kept = sizes * finite
+        if not finite.all():
+            kept, deltas = kept[finite], deltas[finite]
+        value = kept @ deltas.astype(np.float64)  # sum of n_i * delta_i, in float64
+        kept = sizes * finite
+        metrics = {
+            "loss_sum": float(losses[finite] @ sizes[finite]),
+            "samples": float(kept.sum()),
+            "bytes_up": float(up),
+            "bytes_down": float(self._down_len * len(client_ids)),
+            "rejected_updates": float((~finite).sum()),
+        }
+        self.flat.set(results[-1].vector)
+        return Update(value=value, weight=float(kept.sum()), metrics=metrics)
+
+    def read_parts(self, vectors: torch.Tensor) -> np.ndarray:
+        """:meth:`read_part` of a stack of flat models ``[G, P]``."""
+        return vectors.cpu().numpy()
 
     def local_training(self, client_id: int, round_index: int) -> tuple[float, int, int]:
         """The client's local SGD from the model just loaded: (mean loss, steps, samples). The
