@@ -293,15 +293,15 @@ class GroupRun:
         return self.results.get(cid)
 
     def _train(self, strategy, round_index: int) -> None:
-        from hpcfed.rng import torch_generator
+        from hpcfed.rng import torch_generators
 
         cfg, device, clients = self.fused.cfg, strategy.device, []
-        for cid in self.clients:
+        generators = torch_generators(strategy.job.seed, "train", round_index, self.clients)
+        for cid, gen in zip(self.clients, generators):
             x, y = strategy.data.client(cid)
             planned = cfg.epochs * math.ceil(x.shape[0] / cfg.batch_size)
             share = self.shares.get(cid, 1.0)
             limit = None if share >= 1.0 else max(1, math.ceil(share * planned))
-            gen = torch_generator(strategy.job.seed, "train", round_index, cid)
             clients.append((x.to(device), y.to(device), gen, limit))
         results = self.fused.train(self.start, clients, self.correction)
         self.results = dict(zip(self.clients, results))

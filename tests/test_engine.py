@@ -234,3 +234,16 @@ def test_a_run_imports_neither_dynamo_nor_sklearn_nor_numba(tmp_path):
 
     assert run("first") == "['sklearn']"
     assert run("second") == "[]"
+
+
+def test_vectorised_generators_equal_one_by_one():
+    """rng.torch_generators reproduces NumPy's SeedSequence for a whole group at once."""
+    from hpcfed.rng import torch_generators
+
+    clients = np.arange(0, 3000, 7)
+    for seed, rnd in ((0, 0), (3, 17), (2**31 + 5, 99_999), (123_456_789, 2**32 - 1)):
+        batch = [g.initial_seed() for g in torch_generators(seed, "train", rnd, clients)]
+        assert batch == [torch_generator(seed, "train", rnd, int(c)).initial_seed() for c in clients]
+    # keys beyond 32 bits take the one-by-one path, with the same result
+    big = [g.initial_seed() for g in torch_generators(2**40, "train", 1, [5])]
+    assert big == [torch_generator(2**40, "train", 1, 5).initial_seed()]
