@@ -167,6 +167,13 @@ def test_a_failed_final_checkpoint_is_exit_1_naming_the_newest_and_resume_comple
     assert "at the final checkpoint" in error and "ENOSPC" in error
     assert f"newest complete checkpoint is {run_dir / 'checkpoints' / 'round_000002.h5'}" in error
     assert _assert_intact(run_dir).name == "round_000002.h5"
+    # a run folder that resume cannot write is the user's to fix: exit 2, one line naming it
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    proc = hpcfed("resume", run_dir, timeout=120)
+    subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"hpcfed: error: {run_dir}: ") and "(EROFS)" in line
     (small_fs / "filler").unlink()  # space freed
     proc = hpcfed("resume", run_dir, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -217,6 +224,33 @@ def test_stale_temporaries_of_a_killed_run_go_at_resume(tmp_path):
     proc = hpcfed("resume", run_dir, "rounds=3")
     assert proc.returncode == 0, proc.stderr
     assert not any(p.exists() for p in stale) and not list(run_dir.rglob("*.tmp"))
+
+
+def test_which_failed_checkpoints_are_skipped(tmp_path, capsys):
+    class Job:
+        rounds, checkpoint_every = 10, 2
+
+    def fail(code):
+        return OSError(code, os.strerror(code), str(tmp_path / "checkpoints" / "round_000004.h5"))
+
+    writes = storage.CheckpointWrites(tmp_path, Job)
+    with pytest.warns(UserWarning, match=r"round 4 skipped, retried after round 6 .*none yet"):
+        assert writes.failed(fail(errno.EDQUOT), "writing the checkpoint", 4, stopping=False) is None
+    second = writes.failed(fail(errno.ENOSPC), "writing the checkpoint", 6, stopping=False)
+    assert isinstance(second, storage.StorageError) and second.exit_code == 1
+    assert "second checkpoint in a row" in str(second) and "run the job again" in str(second)
+    writes.succeeded()
+    for code, rounds_done, stopping in [
+        (errno.EIO, 4, False),
+        (errno.ENOSPC, 10, False),
+        (errno.ENOSPC, 4, True),
+    ]:
+        assert isinstance(writes.failed(fail(code), "writing", rounds_done, stopping), storage.StorageError)
+        writes.succeeded()
+    bug = ValueError("not a storage error")
+    assert writes.failed(bug, "writing", 4, False) is bug
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 4 and all(line.startswith("hpcfed: error: ") for line in errors)
 
 
 # --------------------------------------------------------------------------------- file locks
