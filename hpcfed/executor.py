@@ -184,10 +184,11 @@ class FusedMLP:
         last = len(self.layers) - 1
         # plain SGD (no momentum, weight decay or correction): W -= lr * g^T a in one fused product
         plain = not (mom or cfg.weight_decay or anchors is not None or offsets_c is not None)
+        threshold_backward = torch.ops.aten.threshold_backward
+        picked: list[torch.Tensor] = []
         for t in range(T):
             k, w = int(active[t]), int(width[t])
             idx = index_t[t, :k, :w]  # padding beyond the widest real batch is never computed
-            mask = real[t, :k, :w]
             acts = [X[idx]]  # [k, w, d]
             for layer_i in range(last + 1):
                 W, b = weights[layer_i][:k], biases[layer_i]
@@ -195,12 +196,11 @@ class FusedMLP:
                     z = torch.baddbmm(b[:k].unsqueeze(1), acts[-1], W.transpose(1, 2))
                 else:
                     z = torch.bmm(acts[-1], W.transpose(1, 2))
-                acts.append(torch.relu(z) if layer_i < last else z)
+                acts.append(z.relu_() if layer_i < last else z)
             logits = acts.pop()
             logp = torch.log_softmax(logits, dim=2)
             target = Y[idx].unsqueeze(2)
-            nll = -logp.gather(2, target).squeeze(2)  # [k, w]
-            loss_sum[:k] += (nll * mask).sum(1)
+            picked.append(logp.gather(2, target))  # log p of the targets [k, w, 1]: the loss, later
             grad = logp.exp_()
             grad.scatter_add_(2, target, minus_one[:k, :w])
             grad *= row_weight[t, :k, :w]  # dL/dz of each client's mean loss
@@ -208,7 +208,8 @@ class FusedMLP:
                 layer = self.layers[layer_i]
                 a_prev = acts[layer_i]
                 W = weights[layer_i][:k]
-                below = torch.bmm(grad, W) * (a_prev > 0) if layer_i > 0 else None  # before W moves
+                # the gradient flowing to the layer below, before W moves: (g W) * relu'(a_prev)
+                below = threshold_backward(torch.bmm(grad, W), a_prev, 0) if layer_i > 0 else None
                 if plain:
                     if layer.train_weight:
                         W.baddbmm_(grad.transpose(1, 2), a_prev, alpha=-cfg.lr)
@@ -225,6 +226,9 @@ class FusedMLP:
                     gb = grad.sum(1)
                     self._step(biases[layer_i], gb, k, buffers, key, anchors, offsets_c, layer.bias, mom)
                 grad = below
+        for t, logp_t in enumerate(picked):  # each client's summed loss over its real rows
+            k, w = logp_t.shape[:2]
+            loss_sum[:k] -= (logp_t.squeeze(2) * real[t, :k, :w]).sum(1)
         losses = loss_sum.cpu().numpy()  # the group's one host sync
         results: list[ClientResult | None] = [None] * G
         for slot, i in enumerate(order):
