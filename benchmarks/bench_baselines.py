@@ -45,11 +45,20 @@ def rounds_to(acc: np.ndarray, target: float) -> float:
     return float(hit[0] + 1) if hit.size else float("nan")
 
 
+FEDPROX_VARIANTS = {
+    # the paper's FedAvg baseline: stragglers' work is dropped (they never report)
+    "fedavg-drops-stragglers": ["fedprox.mu=0", "faults.slow_prob=0", "faults.drop_prob=0.9"],
+    "mu=0": ["fedprox.mu=0"],  # partial work kept, no proximal term
+    "mu=0.1": ["fedprox.mu=0.1"],
+    "mu=1": ["fedprox.mu=1.0"],
+}
+
+
 def fedprox(seeds, out):
     rows = []
-    for mu in (0.0, 1.0):
+    for mu, keys in FEDPROX_VARIANTS.items():
         for seed in seeds:
-            m = run("fedprox_synthetic.toml", [f"fedprox.mu={mu}", f"seed={seed}"], out)
+            m = run("fedprox_synthetic.toml", [*keys, f"seed={seed}"], out)
             acc = m["test_accuracy"][np.isfinite(m["test_accuracy"])]
             loss = m["train_loss"]
             rows.append({

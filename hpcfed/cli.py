@@ -109,7 +109,7 @@ def _train(args) -> int:
     """``run`` / ``resume`` through the Python API; its exceptions become exit codes. Every rank
     of an mpirun raises at the same point (hpcfed.api), and only the reporting rank prints."""
     from hpcfed import api
-    from hpcfed.errors import RankFailed
+    from hpcfed.errors import RankFailed, StorageError
 
     try:
         if args.command == "run":
@@ -119,6 +119,9 @@ def _train(args) -> int:
     except UserError as exc:
         print(f"hpcfed: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except StorageError as exc:  # the disk, not the input: one line naming the file, exit 1
+        print(f"hpcfed: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except RankFailed as exc:  # another rank reported the error
         return exc.exit_code
     except KeyboardInterrupt:

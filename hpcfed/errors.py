@@ -12,6 +12,12 @@ class UserError(Exception):
     """The user's input is wrong: the CLI prints the message on one line and exits 2."""
 
 
+class StorageError(Exception):
+    """The run's storage failed (no space, quota, an I/O error): not the user's input, yet no bug
+    either. The CLI prints the message on one line (it names the file, the newest complete
+    checkpoint and what to do) and exits 1, without a traceback."""
+
+
 class RankFailed(Exception):
     """Raised on every rank but the one that reports: rank ``rank`` failed and reported the error.
 

@@ -38,7 +38,7 @@ def _one_error_line(proc, *needles):
     [
         ('algorithm = "fedavg"\nrounds = 3\nfoo = 1\n', [], ["job.toml", "unknown key 'foo'"]),
         ('algorithm = "fedavg"\nrounds = "three"\n', [], ["'rounds'"]),
-        ('algorithm = "fedprox"\n', [], ["unknown algorithm 'fedprox'"]),
+        ('algorithm = "fedsgd"\n', [], ["unknown algorithm 'fedsgd'"]),
         ('algorithm = "fedavg"\n', ["train.lr=fast"], ["'train.lr'"]),
         ('algorithm = "fedavg"\n', ["rounds"], ["override 'rounds'", "dotted.key=value"]),
         (

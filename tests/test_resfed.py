@@ -154,7 +154,8 @@ def test_a_decoder_with_the_other_rule_is_caught(tmp_path, monkeypatch):
 
 def test_uncompressed_resfed_is_fedavg_exactly(tmp_path):
     lossless = ["resfed.sparsity=0", "resfed.quantization=none"]
-    fedavg = _run(tmp_path, "fedavg", ["algorithm=fedavg"], rounds=6)
+    # (one client at a time, as ResFed trains: the vectorised executor differs in the last bits)
+    fedavg = _run(tmp_path, "fedavg", ["algorithm=fedavg", "train.parallel_clients=1"], rounds=6)
     for predictor in ("last", "linear", "received"):
         resfed = _run(tmp_path, predictor, [*lossless, f"resfed.predictor={predictor}"], rounds=6)
         np.testing.assert_array_equal(resfed.state["model"], fedavg.state["model"])

@@ -237,7 +237,7 @@ def test_which_failed_checkpoints_are_skipped(tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"round 4 skipped, retried after round 6 .*none yet"):
         assert writes.failed(fail(errno.EDQUOT), "writing the checkpoint", 4, stopping=False) is None
     second = writes.failed(fail(errno.ENOSPC), "writing the checkpoint", 6, stopping=False)
-    assert isinstance(second, storage.StorageError) and second.exit_code == 1
+    assert isinstance(second, storage.StorageError)
     assert "second checkpoint in a row" in str(second) and "run the job again" in str(second)
     writes.succeeded()
     for code, rounds_done, stopping in [

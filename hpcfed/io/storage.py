@@ -29,13 +29,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hpcfed.errors import RankFailed, UserError
+from hpcfed.errors import StorageError, UserError
 
 SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a checkpoint that fails for these is skipped once
 # errnos that mean "this path cannot be used": the user's input, when it is the folder they chose
@@ -46,17 +45,8 @@ USER_CAUSED = frozenset(
 LOCKS_REFUSED = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
-class StorageError(RankFailed):
-    """The run's storage failed (no space, quota, I/O error): exit 1, one line, no traceback.
-
-    Raised on the rank that writes files (rank 0), which has printed the line on stderr when it
-    made the error (:func:`environment_error`); the other ranks raise :class:`RankFailed`. It is a
-    ``RankFailed`` so that the command line, which prints nothing more for one, exits 1 without a
-    traceback; ``str(exc)`` is the line."""
-
-    def __init__(self, message: str):
-        Exception.__init__(self, message)
-        self.rank, self.exit_code = 0, 1
+# StorageError (hpcfed/errors.py) is raised on the rank that writes files (rank 0); the other
+# ranks raise RankFailed with exit code 1. The CLI prints its one line and exits 1.
 
 
 def why(exc: OSError) -> str:
@@ -88,8 +78,7 @@ def advice(exc: OSError, run_dir: Path) -> str:
 
 
 def environment_error(message: str) -> StorageError:
-    """A :class:`StorageError`, its line printed on stderr now (by the rank that writes files)."""
-    print(f"hpcfed: error: {message}", file=sys.stderr, flush=True)
+    """A :class:`StorageError` with ``message`` (the CLI prints it as one line, exit 1)."""
     return StorageError(message)
 
 
