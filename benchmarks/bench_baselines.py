@@ -61,13 +61,18 @@ def fedprox(seeds, out):
             m = run("fedprox_synthetic.toml", [*keys, f"seed={seed}"], out)
             acc = m["test_accuracy"][np.isfinite(m["test_accuracy"])]
             loss = m["train_loss"]
-            rows.append({
-                "mu": mu, "seed": seed, "final_accuracy": float(acc[-1]), "last5_mean": float(acc[-5:].mean()),
-                "test_loss_final": float(m["test_loss"][np.isfinite(m["test_loss"])][-1]),
-                # stability: how much the evaluated accuracy falls back between evaluations
-                "accuracy_drops": float(np.clip(-np.diff(acc), 0, None).sum()),
-                "train_loss_std_last20": float(loss[-20:].std()),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "mu": mu,
+                    "seed": seed,
+                    "final_accuracy": float(acc[-1]),
+                    "last5_mean": float(acc[-5:].mean()),
+                    "test_loss_final": float(m["test_loss"][np.isfinite(m["test_loss"])][-1]),
+                    # stability: how much the evaluated accuracy falls back between evaluations
+                    "accuracy_drops": float(np.clip(-np.diff(acc), 0, None).sum()),
+                    "train_loss_std_last20": float(loss[-20:].std()),
+                }
+            )
     return rows
 
 
@@ -84,11 +89,17 @@ def scaffold(seeds, out):
             for seed in seeds:
                 m = run("scaffold_digits.toml", [f"algorithm={algorithm}", f"seed={seed}", *keys], out)
                 acc = m["test_accuracy"]
-                rows.append({
-                    "setting": setting, "algorithm": algorithm, "seed": seed,
-                    "rounds_to_0.80": rounds_to(acc, 0.80), "rounds_to_0.90": rounds_to(acc, 0.90),
-                    "final_accuracy": float(acc[-1]), "bytes_per_round": float(m["bytes_up"].mean() + m["bytes_down"].mean()),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "setting": setting,
+                        "algorithm": algorithm,
+                        "seed": seed,
+                        "rounds_to_0.80": rounds_to(acc, 0.80),
+                        "rounds_to_0.90": rounds_to(acc, 0.90),
+                        "final_accuracy": float(acc[-1]),
+                        "bytes_per_round": float(m["bytes_up"].mean() + m["bytes_down"].mean()),
+                    }
+                )
     return rows
 
 
@@ -106,10 +117,16 @@ def fednova(seeds, out):
             for seed in seeds:
                 m = run("fednova_digits.toml", [f"algorithm={algorithm}", f"seed={seed}", *keys], out)
                 acc = m["test_accuracy"][np.isfinite(m["test_accuracy"])]
-                rows.append({
-                    "setting": setting, "algorithm": algorithm, "seed": seed, "final_accuracy": float(acc[-1]),
-                    "last3_mean": float(acc[-3:].mean()), "test_loss_final": float(m["test_loss"][-1]),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "setting": setting,
+                        "algorithm": algorithm,
+                        "seed": seed,
+                        "final_accuracy": float(acc[-1]),
+                        "last3_mean": float(acc[-3:].mean()),
+                        "test_loss_final": float(m["test_loss"][-1]),
+                    }
+                )
     return rows
 
 
@@ -122,8 +139,15 @@ def adaptive(seeds, out):
                 keys = [f"fedavg.server_optimizer={optimizer}", f"fedavg.server_lr={lr}", f"seed={seed}"]
                 m = run("fedadagrad_digits.toml", keys, out)
                 acc = m["test_accuracy"][np.isfinite(m["test_accuracy"])]
-                rows.append({"optimizer": optimizer, "server_lr": lr, "seed": seed, "final_accuracy": float(acc[-1]),
-                             "rounds_to_0.90": rounds_to(m["test_accuracy"], 0.90)})  # fmt: skip
+                rows.append(
+                    {
+                        "optimizer": optimizer,
+                        "server_lr": lr,
+                        "seed": seed,
+                        "final_accuracy": float(acc[-1]),
+                        "rounds_to_0.90": rounds_to(m["test_accuracy"], 0.90),
+                    }
+                )
     return rows
 
 
@@ -136,7 +160,10 @@ def summarise(rows, keys, values):
         cells = []
         for v in values:
             xs = np.array([r[v] for r in rs], dtype=float)
-            cells.append(f"{v} {np.nanmean(xs):.3f} ± {np.nanstd(xs):.3f}" + (f" (nan {np.isnan(xs).sum()})" if np.isnan(xs).any() else ""))
+            cells.append(
+                f"{v} {np.nanmean(xs):.3f} ± {np.nanstd(xs):.3f}"
+                + (f" (nan {np.isnan(xs).sum()})" if np.isnan(xs).any() else "")
+            )
         lines.append("  " + " ".join(f"{k}={g}" for k, g in zip(keys, group)) + ": " + "; ".join(cells))
     return "\n".join(lines)
 
@@ -153,13 +180,27 @@ def main():
             results[name] = globals()[name](args.seeds, Path(tmp) / name)
             print(name, flush=True)
             if name == "fedprox":
-                print(summarise(results[name], ["mu"], ["final_accuracy", "last5_mean", "accuracy_drops", "train_loss_std_last20"]))
+                print(
+                    summarise(
+                        results[name],
+                        ["mu"],
+                        ["final_accuracy", "last5_mean", "accuracy_drops", "train_loss_std_last20"],
+                    )
+                )
             elif name == "scaffold":
-                print(summarise(results[name], ["setting", "algorithm"], ["rounds_to_0.80", "rounds_to_0.90", "final_accuracy"]))
+                print(
+                    summarise(
+                        results[name],
+                        ["setting", "algorithm"],
+                        ["rounds_to_0.80", "rounds_to_0.90", "final_accuracy"],
+                    )
+                )
             elif name == "fednova":
                 print(summarise(results[name], ["setting", "algorithm"], ["final_accuracy", "last3_mean"]))
             else:
-                print(summarise(results[name], ["optimizer", "server_lr"], ["final_accuracy", "rounds_to_0.90"]))
+                print(
+                    summarise(results[name], ["optimizer", "server_lr"], ["final_accuracy", "rounds_to_0.90"])
+                )
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 

@@ -16,7 +16,7 @@ Workloads (benchmarks.md):
 Also the peak memory of a group against its size (digits MLP). Runs unchanged on a GPU node
 (``device = "auto"`` picks ``cuda:0``; the plain loop runs on the same device).
 
-    python benchmarks/bench_parallel_clients.py [--rounds 30] [--repeats 3] [--only digits-10 ...] [--out FILE]
+    python benchmarks/bench_parallel_clients.py [--rounds 30] [--repeats 3] [--only digits-10 ...]
 """
 
 from __future__ import annotations
@@ -66,15 +66,21 @@ def digits_split(seed: int, pieces: int = 10):
 WORKLOADS = {
     "digits-10": [],
     "digits-100": [
-        'data.dataset="bench_parallel_clients:digits_split"', "data.partition=natural",
-        "data.num_clients=1000", "clients_per_round=100", f'job_dir="{HERE}"',
+        'data.dataset="bench_parallel_clients:digits_split"',
+        "data.partition=natural",
+        "data.num_clients=1000",
+        "clients_per_round=100",
+        f'job_dir="{HERE}"',
     ],
     "synthetic-1000": [
-        "data.dataset=synthetic", "data.partition=natural", "data.num_clients=1000",
-        "clients_per_round=1000", "model.hidden=[]",
+        "data.dataset=synthetic",
+        "data.partition=natural",
+        "data.num_clients=1000",
+        "clients_per_round=1000",
+        "model.hidden=[]",
     ],
     "cnn-10": ["model.name=cnn", "data.partition=iid"],
-}  # fmt: skip
+}
 
 
 def plain_loop(job, data, rounds: int, device) -> float:
@@ -161,10 +167,13 @@ def group_memory(job, data, sizes) -> list[dict]:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.perf_counter()
         fused.train(flat.vector.detach().clone(), clients)
-        rows.append({
-            "clients_at_once": k, "seconds": time.perf_counter() - t,
-            "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
-        })  # fmt: skip
+        rows.append(
+            {
+                "clients_at_once": k,
+                "seconds": time.perf_counter() - t,
+                "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+            }
+        )
     return rows
 
 
@@ -177,8 +186,12 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))  # digits_split, for the digits-100 job
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-               f"torch {torch.__version__}", "rounds": args.rounds, "workloads": {}}  # fmt: skip
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"torch {torch.__version__}",
+        "rounds": args.rounds,
+        "workloads": {},
+    }
     for name in args.only:
         job = hpcfed.load_job(QUICKSTART, [f"eval_every={10**6}", *WORKLOADS[name]])
         data = load_federated(job.data, job.seed)
@@ -198,19 +211,23 @@ def main() -> int:
             "auto_vs_plain": med["plain"] / med["auto"],
             "auto_vs_one": med["one"] / med["auto"],
             "one_vs_plain": med["plain"] / med["one"],
-            "accuracy_auto": accs["auto"], "accuracy_one": accs["one"],
-        }  # fmt: skip
+            "accuracy_auto": accs["auto"],
+            "accuracy_one": accs["one"],
+        }
         results["workloads"][name] = row
         print(
-            f"{name:>15}: plain {row['ms_per_round']['plain']:8.2f} ms  one {row['ms_per_round']['one']:8.2f} ms  "
-            f"auto {row['ms_per_round']['auto']:8.2f} ms  | auto {row['auto_vs_plain']:.2f}x plain, "
+            f"{name:>15}: plain {row['ms_per_round']['plain']:8.2f} ms  "
+            f"one {row['ms_per_round']['one']:8.2f} ms  auto {row['ms_per_round']['auto']:8.2f} ms  | auto {row['auto_vs_plain']:.2f}x plain, "
             f"{row['auto_vs_one']:.2f}x one  | acc auto {accs['auto']:.4f} one {accs['one']:.4f}",
             flush=True,
         )
     job = hpcfed.load_job(QUICKSTART, [])
     results["group_memory"] = group_memory(job, load_federated(job.data, job.seed), [1, 10, 100, 1000])
     for r in results["group_memory"]:
-        print(f"  {r['clients_at_once']:>5} clients at once: +{r['peak_growth_mb']:.1f} MB peak, {r['seconds']:.3f} s")
+        print(
+            f"  {r['clients_at_once']:>5} clients at once: +{r['peak_growth_mb']:.1f} MB peak, "
+            f"{r['seconds']:.3f} s"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
