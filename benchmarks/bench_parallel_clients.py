@@ -217,7 +217,8 @@ def main() -> int:
         results["workloads"][name] = row
         print(
             f"{name:>15}: plain {row['ms_per_round']['plain']:8.2f} ms  "
-            f"one {row['ms_per_round']['one']:8.2f} ms  auto {row['ms_per_round']['auto']:8.2f} ms  | auto {row['auto_vs_plain']:.2f}x plain, "
+            f"one {row['ms_per_round']['one']:8.2f} ms  auto {row['ms_per_round']['auto']:8.2f} ms  "
+            f"| auto {row['auto_vs_plain']:.2f}x plain, "
             f"{row['auto_vs_one']:.2f}x one  | acc auto {accs['auto']:.4f} one {accs['one']:.4f}",
             flush=True,
         )
