@@ -388,8 +388,15 @@ class Run:
 
 def check_new_run_dir(run_dir: Path, comm) -> None:
     """Refuse to overwrite a run: rank 0 looks, every rank learns the answer (one bcast)."""
-    exists = (run_dir / "log.h5").exists() if comm.Get_rank() == 0 else None
+    exists = None
+    if comm.Get_rank() == 0:
+        try:
+            exists = (run_dir / "log.h5").exists()
+        except OSError as exc:  # e.g. EACCES on a parent: said once, on every rank, not a hang
+            exists = f"out = '{run_dir.parent}': cannot look into {run_dir} ({exc.strerror}); choose another"
     if comm.Get_size() > 1:
         exists = comm.bcast(exists, root=0)
+    if isinstance(exists, str):
+        raise UserError(exists)
     if exists:
         raise UserError(f"{run_dir}: already holds a run; use 'hpcfed resume {run_dir}' or another name/out")
