@@ -382,6 +382,8 @@ def _build_cached(path: Path, key_name: str, cache: Path | None, blocking: bool)
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             return None
+        except OSError:  # no locks here (Lustre without flock, NFS without lockd): build unlocked;
+            pass  # ranks may then scan the same file twice, and the atomic rename keeps it whole
         entry = _read_cached(file)  # built meanwhile by the process that held the lock
         if entry is None:
             entry = build_index(path, key_name)
