@@ -167,6 +167,7 @@ class FusedMLP:
         real_np = index != pad
         width = real_np.sum(2).max(1) if T else np.zeros(0, np.int64)  # widest real batch per step
         index_t = torch.from_numpy(index).to(device)
+        targets = Y[index_t].unsqueeze(3)  # [T, G, B, 1]: every step's targets in one gather
         real = torch.from_numpy(real_np).to(device=device, dtype=torch.float32)  # [T, G, B]
         # each real row's weight in its client's mean loss: dL/dz of the mean is (p - onehot) * this
         row_weight = (real / real.sum(2, keepdim=True).clamp_(min=1.0)).unsqueeze(3)  # [T, G, B, 1]
@@ -199,7 +200,7 @@ class FusedMLP:
                 acts.append(z.relu_() if layer_i < last else z)
             logits = acts.pop()
             logp = torch.log_softmax(logits, dim=2)
-            target = Y[idx].unsqueeze(2)
+            target = targets[t, :k, :w]
             picked.append(logp.gather(2, target))  # log p of the targets [k, w, 1]: the loss, later
             grad = logp.exp_()
             grad.scatter_add_(2, target, minus_one[:k, :w])
