@@ -240,7 +240,19 @@ BAD = {
     "float label": (lambda d: d["user_data"]["u1"].update(y=[0.5]), "u1", "['y']"),
     "negative label": (lambda d: d["user_data"]["u1"].update(y=[-1]), "u1", "['y']"),
     "unlisted user": (lambda d: d["user_data"].update(u2={"x": [[0.0, 0.0]], "y": [0]}), "u2", "'users'"),
+    # the second user goes through the scan's fast path (brackets and commas, no floats parsed)
+    "ragged rows, fast path": (lambda d: _two_rows(d, [[0.5, 0.6], [0.7]]), "u1", "['x']"),
+    "empty row, fast path": (lambda d: _two_rows(d, [[0.5, 0.6], []]), "u1", "['x']"),
+    "nested rows, fast path": (lambda d: d["user_data"]["u1"].update(x=[[[0.5, 0.6]]]), "u1", "['x']"),
+    "string label, fast path": (lambda d: d["user_data"]["u1"].update(y=["a"]), "u1", "['y']"),
+    "no y, fast path": (lambda d: _drop(d, "user_data", "u1", "y"), "u1", "'y'"),
+    "strings in x, fast path": (lambda d: d["user_data"]["u1"].update(x=[["0.5", "0.6"]]), "u1", "'x'"),
 }
+
+
+def _two_rows(d: dict, x: list) -> None:
+    d["user_data"]["u1"].update(x=x, y=[0, 1])
+    d["num_samples"][1] = 2
 
 
 def _romeo(d: dict) -> dict:
@@ -271,6 +283,28 @@ def test_bad_file_names_file_user_and_key(tmp_path, case):
     assert key in message, message
     if user is not None:
         assert f"'{user}'" in message, message
+
+
+def test_fast_scan_equals_full_parse(tmp_path, monkeypatch):
+    users = layouts.femnist_users(5, (1, 4), seed=3)
+    users['odd "id" \\'] = {"x": [[0.25] * 784], "y": [7], "raw": "a string ] with { brackets"}
+    (path,) = layouts.write_leaf(tmp_path, users, 1, "train")
+    fast = leafmod.build_index(path, "data.path")
+    monkeypatch.setattr(leafmod, "_vector_user", lambda *args: None)
+    assert leafmod.build_index(path, "data.path") == fast
+    assert [u[0] for u in fast["users"]] == list(users) and fast["shape"] == [784]
+
+
+def test_null_pixel_is_found_when_the_client_is_read(tmp_path):
+    doc = _doc()
+    doc["user_data"]["u1"]["x"] = [[None, 0.6]]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.json").write_text(json.dumps(doc))
+    data = _load(tmp_path, tmp_path / "train", tmp_path / "train", FEMNIST_JOB, "data.num_clients=1")
+    with pytest.raises(
+        UserError, match=r"user 'u1': user_data\['u1'\]\['x'\] holds values that are not finite"
+    ):
+        _ = data.test
 
 
 def test_non_utf8_text_names_the_user_and_the_key(tmp_path):

@@ -47,6 +47,7 @@ clients it trains, whatever the rank count. Every error names the file, the user
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -247,6 +248,92 @@ def _value(text: str, pos: int, fail, where: str) -> tuple[Any, int]:
         raise fail(f"{where}: JSON nested too deeply") from None
 
 
+class _Structure:
+    """Where an ASCII JSON text has its brackets, braces and quotes (byte = character offsets),
+    found with NumPy a chunk at a time: what the scan's fast path walks instead of the text."""
+
+    IS_STRUCTURE = np.zeros(256, bool)  # byte -> is it one of [ ] { } "
+    IS_STRUCTURE[list(b'[]{}"')] = True
+
+    def __init__(self, raw: bytes, chunk: int = 1 << 24):
+        found = []
+        for start in range(0, len(raw), chunk):
+            b = np.frombuffer(raw, np.uint8, count=min(chunk, len(raw) - start), offset=start)
+            found.append(np.flatnonzero(self.IS_STRUCTURE[b]) + start)
+        at = np.concatenate(found) if found else np.zeros(0, np.int64)
+        self.at: list[int] = at.tolist()
+        self.char: bytes = bytes(np.frombuffer(raw, np.uint8)[at]) if at.size else b""
+        self.raw = raw
+
+    def string_end(self, k: int) -> int:
+        """Index (into ``at``) of the quote closing the string opened by quote ``k``."""
+        j = k + 1
+        while True:
+            while self.char[j] != 34:  # '"'
+                j += 1
+            slashes, p = 0, self.at[j] - 1
+            while self.raw[p] == 92:  # an escaped quote is preceded by an odd run of backslashes
+                slashes, p = slashes + 1, p - 1
+            if slashes % 2 == 0:
+                return j
+            j += 1
+
+
+def _vector_user(text: str, tokens: _Structure, pos: int, where: str) -> tuple[int, int, int, int] | None:
+    """The fast path of the scan for a user ``{"x": [[numbers], ...], "y": [ints]}``: (end of its
+    value, samples, row width, max label) from the brackets, commas and ``y`` alone, so no float
+    is parsed (parsing FEMNIST's 600 M pixel values is what makes a full scan slow). The checks
+    of :func:`summarise` that need structure are made here (keys, rows equal in number to labels
+    and in width, integer labels); a number that is not one (``null``) is found when the client
+    is read. None for anything else: the full parse then decides, with its exact error."""
+    at, char = tokens.at, tokens.char
+    k = bisect.bisect_left(at, pos)
+    if k == len(at) or at[k] != pos or char[k] != 123:  # '{'
+        return None
+    depth, key, in_x, row, y_at, end = 0, b"", False, 0, None, None
+    widths: list[int] = []
+    while k < len(at):
+        c, p = char[k], at[k]
+        if c == 34:  # a string: a key at depth 1 if a colon follows
+            close = tokens.string_end(k)
+            after = _skip(text, at[close] + 1)
+            if depth == 1 and text[after : after + 1] == ":":
+                key = tokens.raw[p + 1 : at[close]]
+                if key == b"y":
+                    y_at = _skip(text, after + 1)
+            elif in_x:
+                return None  # strings among the numbers: not a vector user
+            k = close + 1
+            continue
+        if c in (91, 123):  # '[' or '{'
+            depth += 1
+            if depth == 2 and key == b"x" and c == 91 and not widths and not in_x:
+                in_x = True
+            elif in_x and depth == 3 and c == 91:
+                row = p + 1
+            elif in_x:
+                return None  # objects or deeper lists in x
+        else:  # ']' or '}'
+            if in_x and depth == 3:
+                widths.append(0 if _skip(text, row) == p else text.count(",", row, p) + 1)
+            elif in_x and depth == 2:
+                in_x = False
+            depth -= 1
+            if depth == 0:
+                end = p + 1
+                break
+        k += 1
+    if end is None or y_at is None or not widths or len(set(widths)) != 1 or widths[0] == 0:
+        return None
+    try:
+        y, _ = _DECODER.raw_decode(text, y_at)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(y, list) or len(y) != len(widths):
+        return None
+    return end, len(y), widths[0], _labels(y, where)[1]
+
+
 def build_index(path: Path, key_name: str) -> dict:
     """Scan one LEAF JSON file: its users' sizes and byte spans, checked (see the module docstring).
 
@@ -263,6 +350,8 @@ def build_index(path: Path, key_name: str) -> dict:
     except UnicodeDecodeError:
         text, dirty = raw.decode("utf-8", "surrogateescape"), True
     to_byte = _ByteOffsets(text, len(text) == len(raw))
+    # the fast path needs character = byte offsets: json.dump's default (ensure_ascii) output
+    tokens = _Structure(raw) if len(text) == len(raw) else None
     del raw
     top: dict[str, Any] = {}
     spans: dict[str, tuple[int, int, int, int]] = {}  # user -> (samples, start, end, max label)
@@ -289,13 +378,19 @@ def build_index(path: Path, key_name: str) -> dict:
                 user, pos = _value(text, pos, fail, "a user id of user_data")
                 pos = _skip(text, _expect(text, _skip(text, pos), ":", fail, f"after user {user!r}"))
                 where = f"user {user!r}: user_data[{user!r}]"
-                value, end = _value(text, pos, fail, f"user {user!r}: user_data[{user!r}]")
-                if dirty and _SURROGATE.search(text, pos, end):
-                    bad = "x" if isinstance(value, dict) and _has_surrogate(value.get("x")) else "y"
-                    raise fail(f"{where}[{bad!r}] holds text that is not UTF-8; expected UTF-8 JSON")
                 if user in spans:
                     raise fail(f"user {user!r} appears twice in user_data")
-                kind, shape, n, high = summarise(value, f"{key_name} = {path}: {where}")
+                vectors = tokens is not None and len(kinds) == 1 and next(iter(kinds))[0] == "vector"
+                quick = _vector_user(text, tokens, pos, f"{key_name} = {path}: {where}") if vectors else None
+                if quick is not None:  # rows of numbers like the first user's: no float parsed
+                    end, n, width, high = quick
+                    kind, shape = "vector", (width,)
+                else:
+                    value, end = _value(text, pos, fail, where)
+                    if dirty and _SURROGATE.search(text, pos, end):
+                        bad = "x" if isinstance(value, dict) and _has_surrogate(value.get("x")) else "y"
+                        raise fail(f"{where}[{bad!r}] holds text that is not UTF-8; expected UTF-8 JSON")
+                    kind, shape, n, high = summarise(value, f"{key_name} = {path}: {where}")
                 kinds.setdefault((kind, shape), user)
                 if len(kinds) > 1:
                     (k0, s0), first = next(iter(kinds.items()))
@@ -526,7 +621,12 @@ class LeafUsers:
         labels = np.asarray(y, dtype=np.int64)
         if self.task == "sent140":
             return tweet_tokens(x, self.vocab, self.max_words), labels
-        features = np.asarray(x, dtype=np.float32)
+        try:
+            features = np.asarray(x, dtype=np.float32)
+        except (ValueError, TypeError):
+            features = np.full(1, np.nan, np.float32)
+        if not np.isfinite(features).all():  # null, a string, NaN: past the scan's fast path
+            raise UserError(f"{where}['x'] holds values that are not finite numbers; expected numeric rows")
         if self.task == "femnist":
             features = features.reshape(-1, *FEMNIST_SHAPE)
         return features, labels
