@@ -161,6 +161,8 @@ def small_overrides(raw: dict, folder: Path) -> list[str]:
         f"clients_per_round={SMALL_COHORT}",
         *data_overrides(raw.get("data", {}).get("dataset", "digits"), data),
     ]
+    if raw.get("data", {}).get("partition") == "classes":  # 4 clients must still cover 10 classes
+        overrides.append("data.classes_per_client=3")
     model = raw.get("model", {}).get("name", "mlp")
     if model in SMALL_MODELS:
         overrides.append(f"model.name={SMALL_MODELS[model]}")
