@@ -373,7 +373,7 @@ def test_leaf_shakespeare_job_learns_above_unigram(tmp_path, one_thread):
     job = load_job(SHAKESPEARE_JOB, [
         f'data.path="{tmp_path / "train"}"', f'data.test_path="{tmp_path / "test"}"', "data.num_clients=8",
         f'data.options.index_cache="{tmp_path / "idx"}"', f'out="{tmp_path / "runs"}"', "rounds=5",
-        "clients_per_round=4", "eval_every=5", "checkpoint_every=5", "train.lr=3.0",
+        "clients_per_round=3", "eval_every=5", "checkpoint_every=5", "train.lr=3.0",
         'model.options={outputs="last", hidden_size=32}',
     ])  # fmt: skip
     run = run_in_process(job)
