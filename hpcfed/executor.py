@@ -173,11 +173,14 @@ class FusedMLP:
         row_weight = (real / real.sum(2, keepdim=True).clamp_(min=1.0)).unsqueeze(3)  # [T, G, B, 1]
         minus_one = torch.full((G, cfg.batch_size, 1), -1.0, device=device)
 
-        # the group's models: one [G, P] stack; each layer's weights are strided views into it,
-        # so the SGD steps update the stack in place and nothing is copied back
-        ends = start.unsqueeze(0).expand(G, -1).clone()
-        weights = [ends[:, L.weight].view(G, L.out_features, L.in_features) for L in self.layers]
-        biases = [ends[:, L.bias] if L.bias is not None else None for L in self.layers]
+        # each layer's weights for the whole group, one contiguous [G, out, in] stack (a strided
+        # view into a [G, P] stack would make torch update it matrix by matrix); assembled into
+        # the group's flat models at the end
+        weights = [
+            start[L.weight].view(1, L.out_features, L.in_features).expand(G, -1, -1).clone()
+            for L in self.layers
+        ]
+        biases = [start[L.bias].expand(G, -1).clone() if L.bias is not None else None for L in self.layers]
         mom = cfg.momentum
         buffers: dict[int, torch.Tensor] = {}
         anchors, offsets_c = self._correction_views(correction, device)
@@ -230,12 +233,38 @@ class FusedMLP:
         for t, logp_t in enumerate(picked):  # each client's summed loss over its real rows
             k, w = logp_t.shape[:2]
             loss_sum[:k] -= (logp_t.squeeze(2) * real[t, :k, :w]).sum(1)
+        ends = self._assemble(start, weights, biases, G)
         losses = loss_sum.cpu().numpy()  # the group's one host sync
         results: list[ClientResult | None] = [None] * G
         for slot, i in enumerate(order):
             seen = int((plans[i] >= 0).sum())
             results[i] = ClientResult(ends[slot], float(losses[slot]) / max(seen, 1), len(plans[i]), seen)
+        self.last_stack = (ends, order)  # the results' vectors are rows of ends, in this order
         return results
+
+    def _assemble(self, start: torch.Tensor, weights, biases, G: int) -> torch.Tensor:
+        """The group's flat models ``[G, P]`` from the layer stacks: one concatenation when the
+        layers tile the flat vector in order (hpcfed's MLP), else written into a copy of start."""
+        pieces, end = [], 0
+        for layer, W, bias in zip(self.layers, weights, biases):
+            for part, where in ((W, layer.weight), (bias, layer.bias)):
+                if part is None:
+                    continue
+                if where.start != end:
+                    pieces = None
+                    break
+                pieces.append(part.reshape(G, -1))
+                end = where.stop
+            if pieces is None:
+                break
+        if pieces is not None and end == start.numel():
+            return torch.cat(pieces, dim=1)
+        ends = start.unsqueeze(0).expand(G, -1).clone()
+        for layer, W, bias in zip(self.layers, weights, biases):
+            ends[:, layer.weight] = W.reshape(G, -1)
+            if bias is not None:
+                ends[:, layer.bias] = bias
+        return ends
 
     def _step(self, param, grad, k, buffers, key, anchors, offsets, flat_slice, momentum):
         """torch's SGD rule on the first k clients of a stacked parameter (LocalSGD's arguments)."""
@@ -268,6 +297,7 @@ class FusedMLP:
         offset = correction.flat_offset.to(device) if correction.flat_offset is not None else None
         return anchors, offset
 
+
 def group_size(setting, fused: FusedMLP | None, placement: str = "balanced") -> int:
     """Clients trained at once: ``train.parallel_clients`` resolved for this model (1: one by one)."""
     if fused is None or placement == "fixed":
@@ -285,6 +315,8 @@ class GroupRun:
         self.start: torch.Tensor | None = None
         self.correction = None
         self.results: dict[int, ClientResult] = {}
+        self.stack: torch.Tensor | None = None
+        self.stack_clients: list[int] = []
 
     def result(self, strategy, cid: int, round_index: int, correction) -> ClientResult | None:
         """Client ``cid``'s result; the first call trains the whole group from the model loaded
@@ -310,6 +342,9 @@ class GroupRun:
             clients.append((x.to(device), y.to(device), gen, limit))
         results = self.fused.train(self.start, clients, self.correction)
         self.results = dict(zip(self.clients, results))
+        ends, order = self.fused.last_stack
+        # the group's models as one [G, P] stack and the client of each row (group_update's input)
+        self.stack, self.stack_clients = ends, [self.clients[i] for i in order]
 
 
 def _same_correction(a, b) -> bool:

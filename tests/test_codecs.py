@@ -183,3 +183,9 @@ def test_factory_validation():
         make_codec(quantization="ternary")
     with pytest.raises(ValueError):
         make_codec(quantization="uniform", bits=9)
+
+
+def test_identity_encoded_size_is_the_encoded_length():
+    for n in (0, 1, 7, 9610):
+        x = np.arange(n, dtype=np.float32)
+        assert IdentityCodec.encoded_size(n) == len(IdentityCodec().encode(x, {})[0])

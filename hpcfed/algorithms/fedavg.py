@@ -115,35 +115,37 @@ class FedAvg(Strategy):
             return None
         received = self._received
         self.load_part(received)
-        first, *_ = client_ids
-        self.local_training(first, round_index)  # trains the whole group, with this strategy's correction
+        self.local_training(client_ids[0], round_index)  # trains the group, with this strategy's correction
         group = self.group
-        if group.results.keys() != set(client_ids):
+        if group.stack is None or set(group.stack_clients) != set(client_ids):
             return None  # the group did not train here (another start): per client after all
-        results = [group.results[c] for c in client_ids]
-        deltas = self.read_parts(torch.stack([r.vector for r in results])) - received  # float32 [G, p]
-        sizes = np.array([float(r.samples) for r in results])
-        losses = np.array([r.loss for r in results])
-        finite = np.isfinite(deltas.sum(axis=1))
-        up = sum(len(self.compression.identity.encode(d, {})[0]) for d in deltas)  # the real messages
+        results = [group.results[c] for c in group.stack_clients]  # in the stack's row order
+        start = torch.from_numpy(received).to(group.stack.device)
+        deltas = self.read_parts(group.stack) - start  # float32 [G, p], one pass
+        sizes = torch.tensor([float(r.samples) for r in results], dtype=torch.float64)
+        losses = torch.tensor([r.loss for r in results], dtype=torch.float64)
+        finite = torch.isfinite(deltas.sum(1)).cpu()
         kept = sizes * finite
-        if not finite.all():
-            kept, deltas = kept[finite], deltas[finite]
-        value = kept @ deltas.astype(np.float64)  # sum of n_i * delta_i, in float64
-        kept = sizes * finite
+        if not bool(finite.all()):
+            deltas, kept_rows = deltas[finite.to(deltas.device)], kept[finite]
+        else:
+            kept_rows = kept
+        value = (kept_rows.to(deltas.device) @ deltas.double()).cpu().numpy()  # sum of n_i delta_i, float64
+        # The uplink is the identity codec, whose messages have a fixed length (the per-client
+        # path encodes them; here nothing would decode them, so only their length is taken)
+        message = self.compression.identity.encoded_size(deltas.shape[1])
         metrics = {
-            "loss_sum": float(losses[finite] @ sizes[finite]),
+            "loss_sum": float(losses @ kept),
             "samples": float(kept.sum()),
-            "bytes_up": float(up),
+            "bytes_up": float(message * len(client_ids)),
             "bytes_down": float(self._down_len * len(client_ids)),
             "rejected_updates": float((~finite).sum()),
         }
-        self.flat.set(results[-1].vector)
         return Update(value=value, weight=float(kept.sum()), metrics=metrics)
 
-    def read_parts(self, vectors: torch.Tensor) -> np.ndarray:
+    def read_parts(self, vectors: torch.Tensor) -> torch.Tensor:
         """:meth:`read_part` of a stack of flat models ``[G, P]``."""
-        return vectors.cpu().numpy()
+        return vectors
 
     def local_training(self, client_id: int, round_index: int) -> tuple[float, int, int]:
         """The client's local SGD from the model just loaded: (mean loss, steps, samples). The

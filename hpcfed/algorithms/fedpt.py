@@ -119,8 +119,8 @@ class FedPT(FedAvg):
             for s, seeded in self._frozen_buffers:
                 vector[s] = seeded
 
-    def read_parts(self, vectors: torch.Tensor) -> np.ndarray:
-        return vectors[:, self._index_t].cpu().numpy()
+    def read_parts(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors[:, self._index_t]
 
     def read_part(self) -> np.ndarray:
         return self.flat.vector.detach()[self._index_t].cpu().numpy()
