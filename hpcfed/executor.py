@@ -152,19 +152,20 @@ class FusedMLP:
         plans = [self._steps(int(x.shape[0]), gen, limit) for x, _, gen, limit in clients]
         order = sorted(range(len(clients)), key=lambda i: -len(plans[i]))  # still training: a prefix
         G, T = len(clients), max((len(p) for p in plans), default=0)
-        # all of the group's samples in one tensor, plus one zero row that padding points at
+        # all of the group's samples as rows of one tensor: the clients' own backing tensor when
+        # they are row slices of it (in-memory datasets: no copy), else one concatenation
         d_in = self.layers[0].in_features
-        xs = [clients[i][0].reshape(clients[i][0].shape[0], d_in) for i in order]
-        X = torch.cat([*xs, torch.zeros(1, d_in)]).to(device=device, dtype=torch.float32)
-        Y = torch.cat([*(clients[i][1] for i in order), torch.zeros(1, dtype=torch.long)]).to(device)
-        pad = X.shape[0] - 1
-        offsets = np.cumsum([0, *(x.shape[0] for x in xs)])
-        index = np.full((T, G, cfg.batch_size), pad, dtype=np.int64)
+        X, Y, offsets = _shared_rows([clients[i][0] for i in order], [clients[i][1] for i in order], d_in)
+        X, Y = X.to(device=device, dtype=torch.float32), Y.to(device)
+        # padding points at row 0 with zero weight: it is computed, and contributes exactly nothing
+        real_np = np.zeros((T, G, cfg.batch_size), dtype=bool)
+        index = np.zeros((T, G, cfg.batch_size), dtype=np.int64)
         for slot, i in enumerate(order):
             rows = plans[i]
-            index[: len(rows), slot] = np.where(rows >= 0, rows + offsets[slot], pad)
+            valid = rows >= 0
+            real_np[: len(rows), slot] = valid
+            index[: len(rows), slot] = np.where(valid, rows + offsets[slot], 0)
         active = np.array([sum(len(plans[i]) > t for i in order) for t in range(T)], dtype=np.int64)
-        real_np = index != pad
         width = real_np.sum(2).max(1) if T else np.zeros(0, np.int64)  # widest real batch per step
         index_t = torch.from_numpy(index).to(device)
         targets = Y[index_t].unsqueeze(3)  # [T, G, B, 1]: every step's targets in one gather
@@ -296,6 +297,36 @@ class FusedMLP:
             anchors = (correction.flat_anchor.to(device), correction.prox_mu)
         offset = correction.flat_offset.to(device) if correction.flat_offset is not None else None
         return anchors, offset
+
+
+def _shared_rows(xs: list[torch.Tensor], ys: list[torch.Tensor], d_in: int):
+    """(X, Y, row offset of each client): the rows of one base tensor the clients' tensors are
+    contiguous slices of (``FederatedData`` in memory), or their concatenation."""
+    def base_of(t: torch.Tensor):
+        return t._base if t._base is not None else t
+
+    bx, by = base_of(xs[0]), base_of(ys[0])
+    shared = bx.is_contiguous() and by.is_contiguous() and bx.dim() >= 1 and by.dim() == 1
+    if shared:
+        row = int(np.prod(bx.shape[1:])) if bx.dim() > 1 else 1
+        shared = row == d_in
+    if shared:
+        offsets = []
+        for x, y in zip(xs, ys):
+            if not (base_of(x) is bx and base_of(y) is by and x.is_contiguous() and y.is_contiguous()):
+                shared = False
+                break
+            start = x.storage_offset() - bx.storage_offset()
+            if start % row or y.storage_offset() - by.storage_offset() != start // row:
+                shared = False
+                break
+            offsets.append(start // row)
+    if shared and bx.shape[0] > 0:
+        return bx.reshape(bx.shape[0], d_in), by, np.array(offsets, dtype=np.int64)
+    flat = [x.reshape(x.shape[0], d_in) for x in xs]
+    X = torch.cat([*flat, torch.zeros(1, d_in, dtype=flat[0].dtype)])  # (a row for an all-empty group)
+    Y = torch.cat([*ys, torch.zeros(1, dtype=ys[0].dtype)])
+    return X, Y, np.cumsum([0, *(x.shape[0] for x in flat)])[:-1]
 
 
 def group_size(setting, fused: FusedMLP | None, placement: str = "balanced") -> int:
