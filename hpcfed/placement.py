@@ -58,6 +58,8 @@ def assign_groups(
     placement trains one client at a time (hpcfed/executor.py)."""
     if group <= 1 or mode == "fixed":
         return [[[c] for c in mine] for mine in assign(clients, costs, size, mode)]
+    if len(clients) <= group:  # one group: the greedy rule puts it on rank 0
+        return [[sorted(int(c) for c in clients)]] + [[] for _ in range(size - 1)]
     order = sorted(range(len(clients)), key=lambda i: (-float(costs[i]), int(clients[i])))
     groups = [sorted(int(clients[i]) for i in order[s : s + group]) for s in range(0, len(order), group)]
     cost_of = {int(c): float(k) for c, k in zip(clients, costs)}

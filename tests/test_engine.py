@@ -247,3 +247,18 @@ def test_vectorised_generators_equal_one_by_one():
     # keys beyond 32 bits take the one-by-one path, with the same result
     big = [g.initial_seed() for g in torch_generators(2**40, "train", 1, [5])]
     assert big == [torch_generator(2**40, "train", 1, 5).initial_seed()]
+
+
+def test_groups_are_cut_from_the_cohort_not_the_rank_count():
+    from hpcfed.placement import assign_groups
+
+    clients = np.arange(0, 40, 3)
+    costs = training_cost(np.arange(14) % 5 + 1, 1, 1)
+    for group in (1, 4, 5, 64):
+        per_size = []
+        for size in (1, 2, 3):
+            placed = assign_groups(clients, costs, size, "balanced", group)
+            assert sorted(c for rank in placed for g in rank for c in g) == sorted(clients.tolist())
+            per_size.append(sorted(tuple(g) for rank in placed for g in rank))
+        assert per_size[0] == per_size[1] == per_size[2]  # the same groups on 1, 2 and 3 ranks
+        assert all(len(g) <= group for g in per_size[0])
