@@ -336,3 +336,13 @@ def test_config_is_checked():
 def test_error_feedback_is_refused(tmp_path):
     with pytest.raises(UserError, match="error_feedback"):
         _strategy(tmp_path, [*PRISM, "compress.quantization=sign", "compress.error_feedback=true"])
+
+
+def test_prism_refuses_sequence_models_on_load():
+    from hpcfed.config import UserError, load_job
+
+    from .conftest import QUICKSTART
+
+    for name in ("char_lstm", "char_transformer"):
+        with pytest.raises(UserError, match=f"model.name = '{name}': algorithm 'prism'"):
+            load_job(QUICKSTART, ["algorithm=prism", f"model.name={name}"])

@@ -91,6 +91,17 @@ class Prism(Strategy):
     per_element_weights = True
     extra_metrics = ("sub_params", "sub_macs", "sub_peak_memory")  # means over the round's clients
 
+    @classmethod
+    def check_job(cls, job) -> None:
+        super().check_job(job)
+        # its sub-models are sliced convolutions and linear layers of image classifiers, profiled
+        # on float images: sequence models (embeddings, LSTMs, attention) have no such kernels
+        if job.model.name in ("char_lstm", "char_transformer"):
+            raise UserError(
+                f"model.name = {job.model.name!r}: algorithm 'prism' takes image models (mlp, cnn, resnet8, "
+                "resnet18, or your own of Conv2d/Linear layers), not sequence models"
+            )
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg, comp = self.job.prism, self.job.compress
