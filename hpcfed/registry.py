@@ -101,6 +101,18 @@ def check_name(key: str, value: str) -> str:
     )
 
 
+def call_options(key: str, value: str, table: str, cfg, options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword options a target named by ``key = value`` is called with: a built-in's own
+    keys of its table (``cfg``'s attributes, e.g. model.hidden), then the ``options`` table; a key
+    in both is a UserError (one way to set a thing)."""
+    entry = builtin(key, value)
+    own = {k: getattr(cfg, k) for k in (entry.keys if entry else ())}
+    for k in options:
+        if k in own:
+            raise UserError(f"{table}.options.{k}: set {table}.{k} instead (a key of the built-in {value!r})")
+    return {**own, **options}
+
+
 # --------------------------------------------------------------------------- import
 
 

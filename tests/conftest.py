@@ -33,6 +33,31 @@ def hpcfed(*args: str, ranks: int = 0, timeout: float = 240, **kwargs) -> subpro
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), **kwargs)
 
 
+def run_mpi(python_args: list, ranks: int, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    """``mpirun -n ranks python ARGS`` in its own session; on timeout the whole process group
+    (mpirun and every rank) is killed, so a hang fails the test and leaves nothing behind.
+    Returns the finished process and the seconds it took."""
+    import os
+    import signal
+    import time
+
+    mpirun = VENV_BIN / "mpirun"
+    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks)]
+    cmd += [sys.executable, *map(str, python_args)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpirun -n {ranks} still running after {timeout:.0f} s (hung):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
+
+
 @pytest.fixture
 def small_overrides(tmp_path):
     """Overrides that shrink the quickstart job to a few seconds."""

@@ -7,11 +7,8 @@ because it is the job file's folder.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ import torch
 import hpcfed
 from hpcfed.io.metrics import read_metrics
 
-from .conftest import ROOT, VENV_BIN, cli_env
+from .conftest import ROOT, cli_env, run_mpi
 from .conftest import hpcfed as hpcfed_cli
 from .userpkg import write_job, write_package
 
@@ -225,19 +222,8 @@ def test_check_finds_errors_without_training(lab, tmp_path):
 # --------------------------------------------------------------------------- user exceptions: exit 1
 
 
-def _mpirun(args: list[str], ranks: int, timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
-    mpirun = VENV_BIN / "mpirun"
-    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), sys.executable, *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
-                            cwd=ROOT, start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"mpirun -n {ranks} hung:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
+def _mpirun(args: list[str], ranks: int, timeout: float = 90):
+    return run_mpi(args, ranks, timeout)
 
 
 @pytest.mark.parametrize("ranks", [0, 2, 3])

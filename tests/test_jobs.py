@@ -14,10 +14,7 @@ trains it) ends the whole ``mpirun`` promptly instead of hanging in a collective
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from hpcfed.io.metrics import read_metrics
 from hpcfed.models import build_model
 from hpcfed.rng import cohort
 
-from .conftest import ROOT, VENV_BIN, cli_env, hpcfed
+from .conftest import ROOT, hpcfed, run_mpi
 
 JOBS = sorted((ROOT / "jobs").glob("*.toml"))
 FEMNIST = ROOT / "jobs" / "fedavg_femnist.toml"
@@ -258,23 +255,8 @@ def _truncate_labels(path: Path, cid: str) -> None:
 
 
 def _run_mpi(args: list[str], ranks: int, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    """``mpirun -n ranks python -m hpcfed ARGS`` in its own session; on timeout the whole process
-    group (mpirun and every rank) is killed, so a hang fails the test and leaves nothing behind."""
-    mpirun = VENV_BIN / "mpirun"
-    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks)]
-    cmd += [sys.executable, "-m", "hpcfed", *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"mpirun -n {ranks} still running after {timeout:.0f} s (hung):\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
+    """``mpirun -n ranks python -m hpcfed ARGS`` (conftest.run_mpi: a hang is killed and fails)."""
+    return run_mpi(["-m", "hpcfed", *args], ranks, timeout)
 
 
 @pytest.mark.parametrize("corruption", ["pixels_mid_run", "labels_at_setup"])

@@ -35,14 +35,7 @@ FederatedDataset = FederatedData  # the name before the public API; kept for rea
 
 def dataset_options(cfg: DataConfig) -> dict[str, Any]:
     """The keyword options of the loader: a built-in's own ``[data]`` keys, then ``data.options``."""
-    entry = registry.builtin("data.dataset", cfg.dataset)
-    own = {key: getattr(cfg, key) for key in (entry.keys if entry else ())}
-    for key in cfg.options:
-        if key in own:
-            raise UserError(
-                f"data.options.{key}: set data.{key} instead (a key of the built-in {cfg.dataset!r})"
-            )
-    return {**own, **cfg.options}
+    return registry.call_options("data.dataset", cfg.dataset, "data", cfg, cfg.options)
 
 
 def build_source(cfg: DataConfig, seed: int) -> FederatedData:

@@ -27,14 +27,7 @@ __all__ = ["build_model", "model_options"]
 
 def model_options(cfg: ModelConfig) -> dict[str, Any]:
     """The keyword options of the builder: a built-in's own keys, then ``model.options``."""
-    entry = registry.builtin("model.name", cfg.name)
-    own = {key: getattr(cfg, key) for key in (entry.keys if entry else ())}
-    for key in cfg.options:
-        if key in own:
-            raise UserError(
-                f"model.options.{key}: set model.{key} instead (a key of the built-in {cfg.name!r})"
-            )
-    return {**own, **cfg.options}
+    return registry.call_options("model.name", cfg.name, "model", cfg, cfg.options)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
