@@ -155,7 +155,10 @@ class FusedMLP:
         # all of the group's samples as rows of one tensor: the clients' own backing tensor when
         # they are row slices of it (in-memory datasets: no copy), else one concatenation
         d_in = self.layers[0].in_features
-        X, Y, offsets = _shared_rows([clients[i][0] for i in order], [clients[i][1] for i in order], d_in)
+        # (on a GPU only the group's rows are copied to the device, not the whole backing tensor)
+        X, Y, offsets = _shared_rows(
+            [clients[i][0] for i in order], [clients[i][1] for i in order], d_in, share=device.type == "cpu"
+        )
         X, Y = X.to(device=device, dtype=torch.float32), Y.to(device)
         # padding points at row 0 with zero weight: it is computed, and contributes exactly nothing
         real_np = np.zeros((T, G, cfg.batch_size), dtype=bool)
@@ -299,14 +302,15 @@ class FusedMLP:
         return anchors, offset
 
 
-def _shared_rows(xs: list[torch.Tensor], ys: list[torch.Tensor], d_in: int):
+def _shared_rows(xs: list[torch.Tensor], ys: list[torch.Tensor], d_in: int, share: bool = True):
     """(X, Y, row offset of each client): the rows of one base tensor the clients' tensors are
-    contiguous slices of (``FederatedData`` in memory), or their concatenation."""
+    contiguous slices of (``FederatedData`` in memory), or (``share = False``, or no common base)
+    their concatenation."""
     def base_of(t: torch.Tensor):
         return t._base if t._base is not None else t
 
     bx, by = base_of(xs[0]), base_of(ys[0])
-    shared = bx.is_contiguous() and by.is_contiguous() and bx.dim() >= 1 and by.dim() == 1
+    shared = share and bx.is_contiguous() and by.is_contiguous() and bx.dim() >= 1 and by.dim() == 1
     if shared:
         row = int(np.prod(bx.shape[1:])) if bx.dim() > 1 else 1
         shared = row == d_in
