@@ -44,11 +44,8 @@ from hpcfed.robust import RobustAggregation, is_finite
 from hpcfed.signals import StopFlag
 from hpcfed.train import evaluate_sums, job_loss, local_work
 
-# The job's references to code: built-in names or the user's "module:attribute" (hpcfed.registry).
-REFERENCE_KEYS = ("model.name", "data.dataset", "train.loss", "algorithm")
-
-
 def job_references(job: JobConfig) -> dict[str, str]:
+    """The job's references to code: built-in names or the user's "module:attribute" (registry)."""
     return {
         "model.name": job.model.name,
         "data.dataset": job.data.dataset,
