@@ -44,6 +44,7 @@ from hpcfed.robust import RobustAggregation, is_finite
 from hpcfed.signals import StopFlag
 from hpcfed.train import evaluate_sums, job_loss, local_work
 
+
 def job_references(job: JobConfig) -> dict[str, str]:
     """The job's references to code: built-in names or the user's "module:attribute" (registry)."""
     return {
