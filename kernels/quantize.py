@@ -83,7 +83,13 @@ def _uniform_params(bits: int, scale: float) -> tuple[np.float32, np.float32, np
     levels = (1 << bits) - 1
     if scale == 0.0:
         return np.float32(0.0), np.float32(0.0), np.float32(0.0)
-    return np.float32(scale), np.float32(levels / (2.0 * scale)), np.float32(2.0 * scale / levels)
+    with np.errstate(over="ignore"):
+        inv = np.float32(levels / (2.0 * scale))
+    if not np.isfinite(inv):
+        # a scale below float32's normal range (~1e-38): the inverse step overflows, and
+        # (x + scale) * inf would be NaN; every symbol is 0 instead (decoding to -scale, ~0)
+        inv = np.float32(0.0)
+    return np.float32(scale), inv, np.float32(2.0 * scale / levels)
 
 
 @jit

@@ -33,7 +33,10 @@ def quantize_uniform(x, bits, scale, stochastic=False, seed=0) -> np.ndarray:
     if scale == 0:
         return np.zeros(x.size, np.uint8)
     s = np.float32(scale)
-    inv = np.float32(top / (2.0 * scale))
+    with np.errstate(over="ignore"):
+        inv = np.float32(top / (2.0 * scale))
+    if not np.isfinite(inv):  # a scale below float32's normal range: every symbol 0
+        return np.zeros(x.size, np.uint8)
     t = (x.astype(np.float32) + s) * inv
     if stochastic:
         key = splitmix64(seed)

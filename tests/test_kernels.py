@@ -366,3 +366,18 @@ if given is not None:
         scale = K.absmax(x)
         got = K.quantize_pack_uniform(x, bits, scale, stochastic=stochastic, seed=seed)
         np.testing.assert_array_equal(got, naive.quantize_pack_uniform(x, bits, scale, stochastic, seed))
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bits", [1, 5, 8])
+def test_quantize_below_float32_normal_range(bits, stochastic):
+    """A scale near float32's smallest normal (found by hypothesis): the inverse step overflows;
+    every symbol is 0 in the kernel and the reference alike, instead of NaN cast to a byte."""
+    x = np.full(5, -1.1754944e-38, np.float32)
+    x[1] = 1.1754944e-38
+    scale = K.absmax(x)
+    got = K.quantize_pack_uniform(x, bits, scale, stochastic=stochastic, seed=3)
+    np.testing.assert_array_equal(got, naive.quantize_pack_uniform(x, bits, scale, stochastic, 3))
+    if ((1 << bits) - 1) / (2.0 * float(scale)) > np.finfo(np.float32).max:  # overflowing grids: all 0
+        assert not got.any()
+        assert not K.quantize_uniform(x, bits, scale, stochastic=stochastic, seed=3).any()
