@@ -76,35 +76,38 @@ def fedprox(seeds, out):
     return rows
 
 
-def scaffold(seeds, out):
+def against_fedavg(job: str, algorithm: str, settings: dict, measure, seeds, out) -> list[dict]:
+    """Every setting x (FedAvg, the baseline) x seed: one row of ``measure(metrics)`` each."""
     rows = []
+    for setting, keys in settings.items():
+        for name in ("fedavg", algorithm):
+            for seed in seeds:
+                m = run(job, [f"algorithm={name}", f"seed={seed}", *keys], out)
+                rows.append({"setting": setting, "algorithm": name, "seed": seed, **measure(m)})
+    return rows
+
+
+def scaffold(seeds, out):
     settings = {
         "classes2": ["data.partition=classes", "data.classes_per_client=2"],
         "classes1": ["data.partition=classes", "data.classes_per_client=1", "rounds=150"],
         "dirichlet0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
         "iid": ["data.partition=iid"],
     }
-    for setting, keys in settings.items():
-        for algorithm in ("fedavg", "scaffold"):
-            for seed in seeds:
-                m = run("scaffold_digits.toml", [f"algorithm={algorithm}", f"seed={seed}", *keys], out)
-                acc = m["test_accuracy"]
-                rows.append(
-                    {
-                        "setting": setting,
-                        "algorithm": algorithm,
-                        "seed": seed,
-                        "rounds_to_0.80": rounds_to(acc, 0.80),
-                        "rounds_to_0.90": rounds_to(acc, 0.90),
-                        "final_accuracy": float(acc[-1]),
-                        "bytes_per_round": float(m["bytes_up"].mean() + m["bytes_down"].mean()),
-                    }
-                )
-    return rows
+
+    def measure(m):
+        acc = m["test_accuracy"]
+        return {
+            "rounds_to_0.80": rounds_to(acc, 0.80),
+            "rounds_to_0.90": rounds_to(acc, 0.90),
+            "final_accuracy": float(acc[-1]),
+            "bytes_per_round": float(m["bytes_up"].mean() + m["bytes_down"].mean()),
+        }
+
+    return against_fedavg("scaffold_digits.toml", "scaffold", settings, measure, seeds, out)
 
 
 def fednova(seeds, out):
-    rows = []
     settings = {
         "dirichlet0.5+stragglers": [],
         "dirichlet0.5": ["faults.slow_prob=0.0"],
@@ -112,22 +115,16 @@ def fednova(seeds, out):
         "iid+stragglers": ["data.partition=iid"],
         "dirichlet0.5+stragglers+momentum0.9": ["train.momentum=0.9", "train.lr=0.01"],
     }
-    for setting, keys in settings.items():
-        for algorithm in ("fedavg", "fednova"):
-            for seed in seeds:
-                m = run("fednova_digits.toml", [f"algorithm={algorithm}", f"seed={seed}", *keys], out)
-                acc = m["test_accuracy"][np.isfinite(m["test_accuracy"])]
-                rows.append(
-                    {
-                        "setting": setting,
-                        "algorithm": algorithm,
-                        "seed": seed,
-                        "final_accuracy": float(acc[-1]),
-                        "last3_mean": float(acc[-3:].mean()),
-                        "test_loss_final": float(m["test_loss"][-1]),
-                    }
-                )
-    return rows
+
+    def measure(m):
+        acc = m["test_accuracy"][np.isfinite(m["test_accuracy"])]
+        return {
+            "final_accuracy": float(acc[-1]),
+            "last3_mean": float(acc[-3:].mean()),
+            "test_loss_final": float(m["test_loss"][-1]),
+        }
+
+    return against_fedavg("fednova_digits.toml", "fednova", settings, measure, seeds, out)
 
 
 def adaptive(seeds, out):

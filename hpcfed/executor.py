@@ -42,7 +42,6 @@ never slower than before. On CUDA the same code runs on the device, with one hos
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -366,14 +365,13 @@ class GroupRun:
 
     def _train(self, strategy, round_index: int) -> None:
         from hpcfed.rng import torch_generators
+        from hpcfed.train import step_limit
 
         cfg, device, clients = self.fused.cfg, strategy.device, []
         generators = torch_generators(strategy.job.seed, "train", round_index, self.clients)
         for cid, gen in zip(self.clients, generators):
             x, y = strategy.data.client(cid)
-            planned = cfg.epochs * math.ceil(x.shape[0] / cfg.batch_size)
-            share = self.shares.get(cid, 1.0)
-            limit = None if share >= 1.0 else max(1, math.ceil(share * planned))
+            limit = step_limit(self.shares.get(cid, 1.0), x.shape[0], cfg)
             clients.append((x.to(device), y.to(device), gen, limit))
         results = self.fused.train(self.start, clients, self.correction)
         self.results = dict(zip(self.clients, results))

@@ -323,10 +323,7 @@ class Run:
             if update is not None:
                 self.packed.view("dropped_clients")[0] += len(group) - len(live)
                 self.packed.view("slow_clients")[0] += sum(fates[c].slow for c in live)
-                self.packed.add("value", update.value)
-                self.packed.add("weight", update.weight)
-                for name, value in update.metrics.items():
-                    self.packed.view(name)[0] += value
+                self._add(update)
                 self.strategy.group = None
                 return
         for cid in group:
@@ -353,7 +350,11 @@ class Run:
             for name in ("bytes_up", "bytes_down"):  # its bytes were sent all the same
                 packed.view(name)[0] += update.metrics.get(name, 0.0)
             return
-        update = self.robust.admit(update, cid)
+        self._add(self.robust.admit(update, cid))
+
+    def _add(self, update: Update) -> None:
+        """An admitted update (one client's, or a group's sum) into the round's buffer."""
+        packed = self.packed
         packed.add("value", update.value)
         packed.add("weight", update.weight)
         for name, value in update.metrics.items():

@@ -34,6 +34,14 @@ def local_work(share: float):
         _WORK_SHARE.reset(token)
 
 
+def step_limit(share: float, n: int, cfg: TrainConfig) -> int | None:
+    """A straggler's steps: ``ceil(share * planned)`` (at least 1) of the ``epochs * ceil(n / B)``
+    planned; None when the client does all its work (``share >= 1``)."""
+    if share >= 1.0:
+        return None
+    return max(1, math.ceil(share * cfg.epochs * math.ceil(n / cfg.batch_size)))
+
+
 class SGD:
     """``torch.optim.SGD``'s update through its functional form, ``torch.optim.sgd.sgd``: the
     function ``SGD.step`` itself calls, with the same arguments, so the numbers are the same bit
@@ -155,11 +163,7 @@ class LocalSGD:
 
         Inside :func:`local_work` (a straggler) only ``ceil(share * steps)`` of the steps run.
         ``correction`` changes each step's gradient (FedProx, SCAFFOLD)."""
-        limit = None
-        share = _WORK_SHARE.get()
-        if share < 1.0:
-            planned = self.cfg.epochs * math.ceil(x.shape[0] / self.cfg.batch_size)
-            limit = max(1, math.ceil(share * planned))
+        limit = step_limit(_WORK_SHARE.get(), x.shape[0], self.cfg)
         loss_sum, samples, steps = self._run(
             x, y, generator, epochs=self.cfg.epochs, max_steps=limit, correction=correction
         )
