@@ -235,6 +235,14 @@ class HADFLConfig(_Strict):
     local_steps: int = Field(8, ge=1)  # tau_max of the fastest device; every device's tau for dfedavg
     select_fraction: float = Field(0.5, gt=0, le=1)  # share of devices picked to pair-average per cycle
     max_staleness: int = Field(4, ge=1)  # a device unsynced this many cycles is picked for sure
+    # pair average weights: "data_steps" (samples x tau_i, the paper's reading) or "data" (samples:
+    # keeps the data-weighted mean of the device models, docs/hadfl.md "Label skew")
+    pair_weight: Literal["data_steps", "data"] = "data_steps"
+    # selection p_i: "steps_staleness" (tau_i (1 + s_i), the paper's reading) or "staleness" (1 + s_i)
+    selection: Literal["steps_staleness", "staleness"] = "steps_staleness"
+    # device i's SGD lr: "same" (train.lr for all) or "per_cycle" (train.lr x tau_min / tau_i)
+    lr_scale: Literal["same", "per_cycle"] = "same"
+    full_average_every: int = Field(0, ge=0)  # every K cycles a full data-weighted average (0: never)
 
     @field_validator("speeds")
     @classmethod
@@ -261,6 +269,8 @@ class SuperFedConfig(_Strict):
     beta0: float = Field(0.9, gt=0, lt=1)  # MaxNet: the largest subnet's weight at round 0
     beta_end: float | None = Field(None, gt=0, lt=1)  # its weight after the decay; None: 1/K
     decay_fraction: float = Field(0.8, gt=0, le=1)  # the decay lasts this share of the rounds
+    # "maxnet": the role weights alone (the paper); "samples": role weight x the client's sample count
+    weighting: Literal["maxnet", "samples"] = "maxnet"
     # evaluated every eval_every: "smallest" | "largest" | specs; None: smallest, two middle, largest
     eval_subnets: list[str | dict[str, Any]] | None = None
 

@@ -51,9 +51,14 @@ def local_steps(speeds: np.ndarray, tau_max: int) -> np.ndarray:
     return np.maximum(1, np.floor(tau_max * v / v.max() + 0.5)).astype(np.int64)
 
 
-def selection_probabilities(tau: np.ndarray, staleness: np.ndarray) -> np.ndarray:
-    """p_i ∝ τ_i · (1 + s_i): fresh progress and staleness both raise a device's chance."""
-    w = np.asarray(tau, dtype=np.float64) * (1.0 + np.asarray(staleness, dtype=np.float64))
+def selection_probabilities(
+    tau: np.ndarray, staleness: np.ndarray, by: str = "steps_staleness"
+) -> np.ndarray:
+    """p_i ∝ τ_i · (1 + s_i) (``by = "steps_staleness"``, the paper's reading: fresh progress and
+    staleness both raise a device's chance) or p_i ∝ 1 + s_i (``"staleness"``: speed-blind)."""
+    w = 1.0 + np.asarray(staleness, dtype=np.float64)
+    if by == "steps_staleness":
+        w = np.asarray(tau, dtype=np.float64) * w
     return w / w.sum()
 
 
@@ -82,7 +87,9 @@ def systematic_sample(rng: np.random.Generator, pi: np.ndarray) -> np.ndarray:
     return np.sort(order[np.minimum(idx, len(pi) - 1)])  # minimum: cum[-1] may round below k
 
 
-def select(rng, tau, staleness, fraction: float, max_staleness: int) -> np.ndarray:
+def select(
+    rng, tau, staleness, fraction: float, max_staleness: int, by: str = "steps_staleness"
+) -> np.ndarray:
     """The cycle's picked devices: an even k = 2·round(fraction·N/2) (at least 2), every device
     with ``s_i >= max_staleness`` among them (more than k if that many are overdue)."""
     n = len(tau)
@@ -90,7 +97,8 @@ def select(rng, tau, staleness, fraction: float, max_staleness: int) -> np.ndarr
     forced = np.asarray(staleness) >= max_staleness
     if forced.sum() >= k:
         return np.flatnonzero(forced)
-    return systematic_sample(rng, inclusion_probabilities(selection_probabilities(tau, staleness), k, forced))
+    p = selection_probabilities(tau, staleness, by)
+    return systematic_sample(rng, inclusion_probabilities(p, k, forced))
 
 
 def pairing(rng: np.random.Generator, selected: np.ndarray) -> list[tuple[int, int]]:
@@ -99,6 +107,22 @@ def pairing(rng: np.random.Generator, selected: np.ndarray) -> list[tuple[int, i
     perm = rng.permutation(np.asarray(selected))
     pairs = [tuple(sorted((int(perm[i]), int(perm[i + 1])))) for i in range(0, len(perm) - 1, 2)]
     return sorted(pairs)
+
+
+def pair_weights(sizes: np.ndarray, tau: np.ndarray, kind: str) -> np.ndarray:
+    """Each device's weight in the pair averages it joins: samples × τ_i (``"data_steps"``) or
+    samples (``"data"``). Only ``"data"`` keeps Σ_i n_i x_i, the data-weighted mean of the
+    device models (the evaluated model), unchanged by a pair average: with n·τ weights each
+    average moves that mean toward the faster device of the pair."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    return sizes * np.asarray(tau, dtype=np.float64) if kind == "data_steps" else sizes
+
+
+def device_lrs(lr: float, tau: np.ndarray, kind: str) -> np.ndarray:
+    """Each device's SGD step size: ``lr`` for all (``"same"``) or ``lr·τ_min/τ_i``
+    (``"per_cycle"``: every device moves its model by the same step budget per cycle)."""
+    tau = np.asarray(tau, dtype=np.float64)
+    return np.full(tau.shape, float(lr)) if kind == "same" else float(lr) * tau.min() / tau
 
 
 def pair_average(models: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -185,7 +209,8 @@ class HADFL(Strategy):
 
     def layout(self):
         sizes = {m: 1 for m in BASE_METRICS}
-        if self.job.hadfl.schedule == "hadfl":
+        cfg = self.job.hadfl
+        if cfg.schedule == "hadfl" and cfg.full_average_every == 0:
             return sizes  # pairs swap point to point: the collective carries metric sums only
         return {"value": self.flat.size, "weight": 1, **sizes}
 
@@ -218,15 +243,17 @@ class HADFL(Strategy):
         state["sim_time"] = state["sim_time"] + cycle_time(cfg.schedule, state["speeds"], cfg.local_steps)
         return total
 
-    def _train_devices(self, rnd: int, tau: np.ndarray) -> tuple[float, float]:
+    def _train_devices(self, rnd: int, tau: np.ndarray, lrs: np.ndarray | None = None) -> tuple[float, float]:
         loss_sum = samples = 0.0
         for d in self.mine:
+            self.trainer.opt.lr = self.job.train.lr if lrs is None else float(lrs[d])
             self.flat.set(self.models[d])
             x, y = self.data.client(d)
             gen = torch_generator(self.job.seed, "train", rnd, d)
             loss, seen = self.trainer.train_steps(x.to(self.device), y.to(self.device), gen, int(tau[d]))
             self.models[d] = self.flat.get()
             loss_sum, samples = loss_sum + loss * seen, samples + seen
+        self.trainer.opt.lr = self.job.train.lr
         return loss_sum, samples
 
     def _finish(self, packed, loss_sum, samples, sent, stop) -> dict[str, np.ndarray]:
@@ -241,12 +268,15 @@ class HADFL(Strategy):
         cfg = self.job.hadfl
         packed.zero()
         tau = local_steps(state["speeds"], cfg.local_steps)
-        loss_sum, samples = self._train_devices(rnd, tau)
+        loss_sum, samples = self._train_devices(rnd, tau, device_lrs(self.job.train.lr, tau, cfg.lr_scale))
+        if cfg.full_average_every and (rnd + 1) % cfg.full_average_every == 0:
+            return self._full_average(state, packed, loss_sum, samples, stop)
         # every rank draws the same selection and pairs from (seed, round): no coordinator
         rng = numpy_generator(self.job.seed, "hadfl", rnd)
-        pairs = pairing(rng, select(rng, tau, state["staleness"], cfg.select_fraction, cfg.max_staleness))
+        chosen = select(rng, tau, state["staleness"], cfg.select_fraction, cfg.max_staleness, cfg.selection)
+        pairs = pairing(rng, chosen)
         received = swap_models(self.comm, pairs, self.models, self.owner)
-        weight = self.sizes * tau  # data x steps
+        weight = pair_weights(self.sizes, tau, cfg.pair_weight)
         averaged, sent = {}, 0
         for a, b in pairs:
             for me in (a, b):
@@ -259,6 +289,16 @@ class HADFL(Strategy):
         synced[[d for pair in pairs for d in pair]] = True
         state["staleness"] = np.where(synced, 0, state["staleness"] + 1)
         return self._finish(packed, loss_sum, samples, sent, stop)
+
+    def _full_average(self, state, packed, loss_sum, samples, stop):
+        """HADFL's periodic wider average (``full_average_every``): every device takes the
+        data-weighted mean of all device models, as a ``dfedavg`` cycle ends; nobody is stale."""
+        self._add_models(packed, self.sizes)
+        sent = ring_allreduce_bytes(self.n, 4 * self.flat.size) if self.rank == 0 else 0
+        total = self._finish(packed, loss_sum, samples, sent, stop)
+        self._set_all(total)
+        state["staleness"] = np.zeros_like(state["staleness"])
+        return total
 
     def _dfedavg(self, state, rnd, packed, stop):
         tau = self.job.hadfl.local_steps

@@ -72,6 +72,12 @@ def sandwich(clients: np.ndarray, largest: np.ndarray, smallest: np.ndarray) -> 
     return big, (int(rest[np.argmin(smallest[rest])]) if rest.size else None)
 
 
+def client_weight(share: float, samples: float, weighting: str) -> float:
+    """A client's aggregation weight: its role share (β or (1 − β)/(K − 1)), times its sample
+    count under ``weighting = "samples"`` (FedAvg's n_c; "maxnet" ignores sample counts)."""
+    return share * samples if weighting == "samples" else share
+
+
 class SuperFed(Strategy):
     name = "superfed"
     per_element_weights = True
@@ -161,8 +167,8 @@ class SuperFed(Strategy):
         sub, trainer = self.subnet(spec)
         # down: the subnet's slices, and its spec so the client can build the model; up: their change
         r = train_slices(self, sub.flat, trainer, state["model"][sub.index], client_id, round_index)
-        update = contribution(self.flat.size, sub.index, r.theta, w)  # the MaxNet weight
         n, k = r.samples, float(self.job.clients_per_round)
+        update = contribution(self.flat.size, sub.index, r.theta, client_weight(w, n, self.cfg.weighting))
         update.metrics = {
             "loss_sum": r.loss * n,
             "samples": n,
