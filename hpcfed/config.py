@@ -156,9 +156,15 @@ class FedPTConfig(_Strict):
 
     freeze: str | list[str] | None = None
     trainable: list[str] | None = None
+    # client lr = train.lr x lr_scale. "auto": FEDPT_HEAD_LR_SCALE when every trainable parameter
+    # comes after every frozen one (a head on frozen random features, a convex problem that needs
+    # and tolerates a larger step: docs/fedpt.md), else 1. 1.0: the paper's plain reading.
+    lr_scale: float | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _one_choice(self) -> FedPTConfig:
+        if not isinstance(self.lr_scale, str) and not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
+            raise ValueError(f'fedpt.lr_scale must be "auto" or a positive number (got {self.lr_scale})')
         if self.freeze is not None and self.trainable is not None:
             raise ValueError("give fedpt.freeze or fedpt.trainable, not both")
         if isinstance(self.freeze, str) and self.freeze != "largest":
