@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from hpcfed.algorithms.dp import DifferentialPrivacy  # noqa: E402
 from hpcfed.comm import world  # noqa: E402
 from hpcfed.config import load_job  # noqa: E402
 from hpcfed.io.metrics import read_metrics  # noqa: E402
@@ -110,12 +111,42 @@ def bench_step(args) -> dict:
 
 # --------------------------------------------------------------------------- digits runs
 
+PARTITIONS = {"iid": ["data.partition=iid"], "dir0.5": ["data.alpha=0.5"], "dir0.1": ["data.alpha=0.1"]}
+SEEDS = (0, 1, 2)
+PLAIN = [*FEDPT, "fedpt.lr_scale=1.0"]  # the paper's plain reading: FedAvg's client lr
+LRS = {"fedavg": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "fedpt": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 16.0, 64.0)}
+DP_LR = 0.5  # both algorithms' client lr under DP (FedAvg's best without DP; fedpt's "auto" is x1 there)
+DP_GRID = {"noise_multiplier": (2.0, 1.0, 0.5), "clip": (0.1, 0.2, 0.5, 1.0)}
+
+
+class NormRecorder:
+    """Records the L2 norm of every update DP clips (before clipping), to relate S to the norms."""
+
+    def __init__(self):
+        self.norms: list[float] = []
+        self._clip = DifferentialPrivacy.clip
+
+    def __enter__(self):
+        recorder = self
+
+        def clip(dp, update):
+            u = np.asarray(update, dtype=np.float64)
+            recorder.norms.append(float(np.sqrt(u @ u)))
+            return recorder._clip(dp, update)
+
+        DifferentialPrivacy.clip = clip
+        return self
+
+    def __exit__(self, *exc):
+        DifferentialPrivacy.clip = self._clip
+
 
 def run_digits(tmp: Path, name: str, overrides: list[str]) -> dict:
     job = load_job(DIGITS, [f"out={tmp}", f"name={name}", *overrides])
-    run = Run(job, world(), job.run_dir, progress=False)
-    run.create_files()
-    run.loop()
+    with NormRecorder() as rec:
+        run = Run(job, world(), job.run_dir, progress=False)
+        run.create_files()
+        run.loop()
     m = read_metrics(job.run_dir / "log.h5")[1]
     acc = m["test_accuracy"][~np.isnan(m["test_accuracy"])]
     row = {
@@ -123,47 +154,120 @@ def run_digits(tmp: Path, name: str, overrides: list[str]) -> dict:
         "final_accuracy": float(acc[-1]),
         "bytes_up_per_round": int(m["bytes_up"][0]),
         "bytes_up_total": int(m["bytes_up"].sum()),
+        "client_lr": run.strategy.trainer.cfg.lr,
     }
     if "epsilon" in m:
         row["epsilon"] = float(m["epsilon"][-1])
         row["clipped_fraction"] = float(m["clipped_updates"].mean() / job.clients_per_round)
+        row["update_norm_q10_50_90"] = np.quantile(rec.norms, [0.1, 0.5, 0.9]).tolist()
     return row
 
 
+class Sweep:
+    """Runs one setting on every partition x seed, numbering the run folders."""
+
+    def __init__(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-fedpt-"))
+        self.n = 0
+
+    def cell(self, overrides: list[str]) -> dict:
+        """{partition: [row per seed]}"""
+        out = {}
+        for part, extra in PARTITIONS.items():
+            out[part] = []
+            for seed in SEEDS:
+                self.n += 1
+                out[part].append(run_digits(self.tmp, f"r{self.n}", [*overrides, *extra, f"seed={seed}"]))
+        return out
+
+
+def accuracies(cell: dict, part: str) -> list[float]:
+    return [r["final_accuracy"] for r in cell[part]]
+
+
+def mean_acc(cell: dict, part: str) -> float:
+    return float(np.mean(accuracies(cell, part)))
+
+
+def show(label: str, cell: dict) -> None:
+    parts = "  ".join(f"{p} {' '.join(f'{a:.3f}' for a in accuracies(cell, p))}" for p in PARTITIONS)
+    print(f"  {label:34s} {parts}", flush=True)
+
+
 def bench_digits(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-fedpt-"))
-    out: dict = {"lr_sweep": [], "dp": []}
-    n = 0
-    print("no DP, seed 0: final test accuracy after 50 rounds")
-    for lr in (0.05, 0.1, 0.2, 0.5, 1.0):
-        pair = {}
-        for alg, extra in (("fedavg", []), ("fedpt", FEDPT)):
-            n += 1
-            pair[alg] = run_digits(tmp, f"r{n}", [*extra, f"train.lr={lr}"])
-        out["lr_sweep"].append({"lr": lr, **pair})
-        fa, pt = pair["fedavg"], pair["fedpt"]
-        ratio = fa["bytes_up_total"] / pt["bytes_up_total"]
-        accs = f"fedavg {fa['final_accuracy']:.4f}  fedpt {pt['final_accuracy']:.4f}"
-        print(f"  lr {lr:<5} {accs}  bytes {ratio:.2f}x")
-    print("DP (lr 0.5, delta 1e-5): final test accuracy, seeds 0 1 2")
-    for sigma, clip in ((1.0, 0.2), (1.0, 0.5), (1.0, 1.0), (0.5, 0.5)):
-        entry: dict = {"noise_multiplier": sigma, "clip": clip}
-        for alg, extra in (("fedavg", []), ("fedpt", FEDPT)):
-            rows = []
-            for seed in (0, 1, 2):
-                n += 1
-                dp = [f"dp.clip={clip}", f"dp.noise_multiplier={sigma}", "train.lr=0.5", f"seed={seed}"]
-                rows.append(run_digits(tmp, f"r{n}", [*extra, *dp]))
-            entry[alg] = rows
-        out["dp"].append(entry)
-        fa = [r["final_accuracy"] for r in entry["fedavg"]]
-        pt = [r["final_accuracy"] for r in entry["fedpt"]]
-        print(
-            f"  sigma {sigma} S {clip}: eps {entry['fedavg'][0]['epsilon']:.2f}  "
-            f"fedavg {' '.join(f'{a:.3f}' for a in fa)} (mean {np.mean(fa):.3f})  "
-            f"fedpt {' '.join(f'{a:.3f}' for a in pt)} (mean {np.mean(pt):.3f})"
-        )
+    sweep = Sweep()
+    out: dict = {"partitions": list(PARTITIONS), "seeds": list(SEEDS), "lr_sweep": {}, "dp": []}
+    print("no DP: final test accuracy after 50 rounds, per partition: seeds 0 1 2")
+    for alg, extra in (("fedavg", []), ("fedpt", PLAIN)):
+        out["lr_sweep"][alg] = []
+        for lr in LRS[alg]:
+            cell = sweep.cell([*extra, f"train.lr={lr}"])
+            out["lr_sweep"][alg].append({"lr": lr, "runs": cell})
+            show(f"{alg}{' (lr_scale 1)' if extra else ''} lr {lr}", cell)
+    # (a) the default keys: FedAvg as in config.py, FedPT with lr_scale "auto"
+    out["default"] = {"fedavg": sweep.cell([]), "fedpt": sweep.cell(FEDPT)}
+    for alg, cell in out["default"].items():
+        show(f"default keys: {alg}", cell)
+    # (b) each at its best lr of the sweep, per partition (mean over the seeds)
+    out["tuned"] = {}
+    for alg, rows in out["lr_sweep"].items():
+        out["tuned"][alg] = {}
+        for part in PARTITIONS:
+            best = max(rows, key=lambda r: mean_acc(r["runs"], part))
+            out["tuned"][alg][part] = {"lr": best["lr"], "runs": best["runs"][part]}
+    print("DP: final test accuracy, per partition: seeds 0 1 2 (client lr 0.5, delta 1e-5)")
+    for sigma in DP_GRID["noise_multiplier"]:
+        for clip in DP_GRID["clip"]:
+            entry: dict = {"noise_multiplier": sigma, "clip": clip}
+            dp = [f"dp.clip={clip}", f"dp.noise_multiplier={sigma}", f"train.lr={DP_LR}"]
+            for alg, extra in (("fedavg", []), ("fedpt", FEDPT)):
+                entry[alg] = sweep.cell([*extra, *dp])
+                eps = entry[alg]["iid"][0]["epsilon"]
+                show(f"sigma {sigma} S {clip} eps {eps:.2f} {alg}", entry[alg])
+            out["dp"].append(entry)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+    if args.plot:
+        plot(out, args.plot)
     return out
+
+
+def plot(out: dict, path: Path) -> None:
+    """Accuracy against client lr (no DP) and against S at each sigma (DP), mean and seed range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = sorted({e["noise_multiplier"] for e in out["dp"]}, reverse=True)
+    fig, axes = plt.subplots(1, 1 + len(sigmas), figsize=(4.2 * (1 + len(sigmas)), 3.6), sharey=True)
+    styles = {"iid": "-", "dir0.5": "--", "dir0.1": ":"}
+    colours = {"fedavg": "tab:blue", "fedpt": "tab:red"}
+
+    def band(ax, xs, cells, alg, part):
+        accs = np.array([accuracies(c, part) for c in cells])
+        label = f"{alg} {part}"
+        ax.plot(xs, accs.mean(1), styles[part], color=colours[alg], marker="o", ms=3, label=label)
+        ax.fill_between(xs, accs.min(1), accs.max(1), color=colours[alg], alpha=0.08)
+
+    ax = axes[0]
+    for alg, rows in out["lr_sweep"].items():
+        for part in out["partitions"]:
+            band(ax, [r["lr"] for r in rows], [r["runs"] for r in rows], alg, part)
+    ax.set(xscale="log", xlabel="client lr (fedpt: lr_scale 1)", ylabel="test accuracy, 50 rounds")
+    ax.set_title("no DP (fedpt 'auto' = lr 0.05 x 40 = 2)", fontsize=9)
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(fontsize=6, ncol=2)
+    for ax, sigma in zip(axes[1:], sigmas):
+        rows = [e for e in out["dp"] if e["noise_multiplier"] == sigma]
+        eps = rows[0]["fedavg"]["iid"][0]["epsilon"]
+        for alg in ("fedavg", "fedpt"):
+            for part in out["partitions"]:
+                band(ax, [e["clip"] for e in rows], [e[alg] for e in rows], alg, part)
+        ax.set(xscale="log", xlabel="clip S")
+        ax.set_title(f"DP sigma {sigma} (eps {eps:.1f}), client lr {DP_LR}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str]) -> None:
@@ -172,10 +276,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path, help="digits: a PNG of the sweep")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = bench_step(args) if args.what == "step" else bench_digits(args)
-    if args.out:
+    if args.out and args.what == "step":
         args.out.write_text(json.dumps(result, indent=2))
 
 

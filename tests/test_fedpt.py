@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcfed.algorithms.fedpt import largest_layer, select_trainable
+from hpcfed.algorithms.fedpt import HEAD_LR_SCALE, is_head, largest_layer, lr_scale, select_trainable
 from hpcfed.codecs import IdentityCodec
 from hpcfed.comm import world
 from hpcfed.config import FedPTConfig, ModelConfig, UserError, load_job
@@ -15,6 +15,7 @@ from hpcfed.flat import FlatModel
 from hpcfed.io.metrics import read_metrics
 from hpcfed.models import build_model
 from hpcfed.models.cnn import build_cnn
+from hpcfed.rng import cohort
 from hpcfed.runner import Run
 
 from .conftest import QUICKSTART
@@ -76,6 +77,9 @@ def test_selection_errors_name_the_key():
         (["algorithm=fedpt", 'fedpt.freeze="smallest"'], '"largest" or a list'),
         (["algorithm=fedpt", "fedpt.trainable=[]"], "nothing would train"),
         (["algorithm=fedpt", "fedpt.freeze=3"], "fedpt.freeze"),
+        ([*LARGEST, "fedpt.lr_scale=0"], "fedpt.lr_scale must be"),
+        ([*LARGEST, "fedpt.lr_scale=-2.5"], "fedpt.lr_scale must be"),
+        ([*LARGEST, 'fedpt.lr_scale="fast"'], "fedpt.lr_scale"),
     ],
 )
 def test_config_errors(overrides, message):
@@ -148,3 +152,56 @@ def test_nothing_frozen_equals_fedavg(tmp_path, overrides):
     b = read_metrics(fedpt.run_dir / "log.h5")[1]
     for col in ("train_loss", "bytes_up", "bytes_down", "test_accuracy"):
         np.testing.assert_array_equal(a[col], b[col])
+
+
+# --------------------------------------------------------------------------- client lr (lr_scale)
+
+
+def test_auto_lr_scale_only_for_a_head_on_frozen_layers_without_dp():
+    torch.manual_seed(0)
+    mlp = FlatModel(build_model(ModelConfig(hidden=[16, 8]), (64,), 10))
+    job = load_job(QUICKSTART, LARGEST)
+    head = select_trainable(mlp, FedPTConfig(freeze=["hidden.*"]))
+    assert is_head(mlp, head) and lr_scale(job, mlp, head) == HEAD_LR_SCALE == 40
+    dp = load_job(QUICKSTART, [*LARGEST, "dp.clip=0.5"])
+    assert lr_scale(dp, mlp, head) == 1.0  # under DP the clip S sets the step
+    fixed = load_job(QUICKSTART, [*LARGEST, "fedpt.lr_scale=3"])
+    assert lr_scale(fixed, mlp, head) == 3.0
+    # not a head: nothing frozen, a trainable layer before a frozen one (the CNN's convs before fc1)
+    for trainable in (["*"], ["hidden.0.*", "output.*"], ["hidden.0.*"]):
+        names = select_trainable(mlp, FedPTConfig(trainable=trainable))
+        assert not is_head(mlp, names) and lr_scale(job, mlp, names) == 1.0
+    cnn = FlatModel(build_cnn((1, 28, 28), 62))
+    assert not is_head(cnn, select_trainable(cnn, FedPTConfig(freeze="largest")))
+
+
+def test_lr_scale_multiplies_the_client_lr_by_hand(tmp_path):
+    """One round, one client, one full-batch step: the head moves by -train.lr x lr_scale x its
+    gradient at the initial model, computed here with autograd."""
+    one = ["clients_per_round=1", "train.batch_size=1000", "rounds=1", "train.lr=0.25", "fedpt.lr_scale=4.0"]
+    job = load_job(QUICKSTART, [f"out={tmp_path}", "name=hand", *SMALL, *LARGEST, *one])
+    run = Run(job, world(), job.run_dir, progress=False)
+    initial = run.state["model"].copy()
+    assert run.strategy.trainer.cfg.lr == 1.0
+    (client,) = cohort(job.seed, 0, run.data.num_clients, 1)
+    x, y = run.data.client(int(client))
+    run.flat.set(initial)
+    module = run.flat.module
+    loss = torch.nn.functional.cross_entropy(module(x), y)
+    grads = torch.autograd.grad(loss, [module.output.weight, module.output.bias])
+    expected = [
+        p.detach() - 0.25 * 4.0 * g for p, g in zip((module.output.weight, module.output.bias), grads)
+    ]
+    run.create_files()
+    run.loop()
+    run.flat.set(run.state["model"])
+    np.testing.assert_allclose(module.output.weight.detach(), expected[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(module.output.bias.detach(), expected[1], rtol=0, atol=1e-6)
+
+
+def test_lr_scale_equals_the_scaled_train_lr(tmp_path):
+    scaled, _ = _run(tmp_path, "scaled", [*LARGEST, "train.lr=0.25", "fedpt.lr_scale=4.0"])
+    plain, _ = _run(tmp_path, "plain", [*LARGEST, "train.lr=1.0", "fedpt.lr_scale=1.0"])
+    np.testing.assert_array_equal(scaled.state["model"], plain.state["model"])
+    auto, _ = _run(tmp_path, "auto", LARGEST)  # quickstart's train.lr = 0.05, x 40
+    assert auto.strategy.trainer.cfg.lr == 2.0 and auto.job.train.lr == 0.05
