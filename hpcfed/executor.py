@@ -42,6 +42,7 @@ never slower than before. On CUDA the same code runs on the device, with one hos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,28 +130,46 @@ class FusedMLP:
         return max(layer.out_features for layer in self.layers[:-1]) if len(self.layers) > 1 else 0
 
     # -- batches ------------------------------------------------------------------------------
-    def _steps(self, n: int, generator: torch.Generator, limit: int | None) -> np.ndarray:
-        """The client's minibatches as rows of sample indices padded with -1, ``[steps, B]``:
-        drawn as LocalSGD._run draws them (one randperm per epoch, batches of B in order, the
-        last of an epoch partial), cut at ``limit`` steps (a straggler)."""
-        cfg, B = self.cfg, self.cfg.batch_size
-        per_epoch = -(-n // B)
-        epochs = cfg.epochs if limit is None else min(cfg.epochs, -(-limit // per_epoch)) if n else 0
-        rows = np.full((epochs * per_epoch, B), -1, dtype=np.int64)
-        flat = rows.reshape(epochs, per_epoch * B)
-        for e in range(epochs):
-            flat[e, :n] = torch.randperm(n, generator=generator).numpy()
-        return rows if limit is None else rows[:limit]
+    def _step_counts(self, n: int, limit: int | None) -> tuple[int, int]:
+        """(epochs drawn, steps taken) by a client of ``n`` samples, as LocalSGD._run counts them:
+        ceil(n / B) batches an epoch, cut at ``limit`` steps (a straggler)."""
+        cfg = self.cfg
+        per_epoch = -(-n // cfg.batch_size)
+        if limit is None or n == 0:
+            return (cfg.epochs, cfg.epochs * per_epoch) if n else (0, 0)
+        epochs = min(cfg.epochs, -(-limit // per_epoch))
+        return epochs, min(limit, epochs * per_epoch)
+
+    def _batches(self, clients, order, counts, offsets, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every step's sample rows for the group, ``[G, T·B]`` (slot-major, so each client's
+        are one contiguous run): the row in the group's shared tensor (padding points at row 0)
+        and whether it is real. Each epoch is one randperm of the client's own generator, its
+        batches of B in order and the last one partial, exactly as LocalSGD._run draws them."""
+        B = self.cfg.batch_size
+        G = len(order)
+        index = np.zeros((G, T * B), dtype=np.int64)
+        real = np.zeros((G, T * B), dtype=bool)
+        for slot, i in enumerate(order):
+            x, _, generator, _ = clients[i]
+            n = int(x.shape[0])
+            (epochs, steps), span = counts[i], -(-n // B) * B  # an epoch's rows, padded to batches
+            for e in range(epochs):
+                rows = torch.randperm(n, generator=generator).numpy()[: steps * B - e * span]
+                at = e * span
+                index[slot, at : at + rows.size] = rows + offsets[slot]
+                real[slot, at : at + rows.size] = True
+        return index, real
 
     # -- training -------------------------------------------------------------------------------
     @torch.no_grad()
     def train(self, start: torch.Tensor, clients, correction=None) -> list[ClientResult]:
         """Train each of ``clients`` — ``(x, y, generator, max_steps or None)`` — from ``start``
         (the flat model); returns their results in the same order."""
-        device, cfg = start.device, self.cfg
-        plans = [self._steps(int(x.shape[0]), gen, limit) for x, _, gen, limit in clients]
-        order = sorted(range(len(clients)), key=lambda i: -len(plans[i]))  # still training: a prefix
-        G, T = len(clients), max((len(p) for p in plans), default=0)
+        device, cfg, B = start.device, self.cfg, self.cfg.batch_size
+        counts = [self._step_counts(int(x.shape[0]), limit) for x, _, _, limit in clients]
+        order = sorted(range(len(clients)), key=lambda i: -counts[i][1])  # still training: a prefix
+        steps = np.array([counts[i][1] for i in order], dtype=np.int64)
+        G, T = len(clients), int(steps.max(initial=0))
         # all of the group's samples as rows of one tensor: the clients' own backing tensor when
         # they are row slices of it (in-memory datasets: no copy), else one concatenation
         d_in = self.layers[0].in_features
@@ -159,22 +178,19 @@ class FusedMLP:
             [clients[i][0] for i in order], [clients[i][1] for i in order], d_in, share=device.type == "cpu"
         )
         X, Y = X.to(device=device, dtype=torch.float32), Y.to(device)
-        # padding points at row 0 with zero weight: it is computed, and contributes exactly nothing
-        real_np = np.zeros((T, G, cfg.batch_size), dtype=bool)
-        index = np.zeros((T, G, cfg.batch_size), dtype=np.int64)
-        for slot, i in enumerate(order):
-            rows = plans[i]
-            valid = rows >= 0
-            real_np[: len(rows), slot] = valid
-            index[: len(rows), slot] = np.where(valid, rows + offsets[slot], 0)
-        active = np.array([sum(len(plans[i]) > t for i in order) for t in range(T)], dtype=np.int64)
-        width = real_np.sum(2).max(1) if T else np.zeros(0, np.int64)  # widest real batch per step
-        index_t = torch.from_numpy(index).to(device)
+        index_np, real_np = self._batches(clients, order, counts, offsets, T)
+        seen = real_np.sum(1)  # samples each slot's client sees
+        active = (steps[None, :] > np.arange(T)[:, None]).sum(1)  # clients still training at step t
+        real_np = real_np.reshape(G, T, B)
+        width = real_np.sum(2).max(0) if G else np.zeros(0, np.int64)  # widest real batch per step
+        # [T, G, B] views of the slot-major arrays: step t's rows for the first k clients
+        index_t = torch.from_numpy(index_np).to(device).view(G, T, B).transpose(0, 1)
+        real = torch.from_numpy(real_np).to(device=device, dtype=torch.float32)  # [G, T, B]
         targets = Y[index_t].unsqueeze(3)  # [T, G, B, 1]: every step's targets in one gather
-        real = torch.from_numpy(real_np).to(device=device, dtype=torch.float32)  # [T, G, B]
         # each real row's weight in its client's mean loss: dL/dz of the mean is (p - onehot) * this
-        row_weight = (real / real.sum(2, keepdim=True).clamp_(min=1.0)).unsqueeze(3)  # [T, G, B, 1]
-        minus_one = torch.full((G, cfg.batch_size, 1), -1.0, device=device)
+        row_weight = (real / real.sum(2, keepdim=True).clamp_(min=1.0)).transpose(0, 1).unsqueeze(3)
+        minus_one = torch.full((G, B, 1), -1.0, device=device)
+        picked = torch.zeros((T, G, B), device=device)  # log p of each row's target, for the loss
 
         # each layer's weights for the whole group, one contiguous [G, out, in] stack (a strided
         # view into a [G, P] stack would make torch update it matrix by matrix); assembled into
@@ -187,12 +203,10 @@ class FusedMLP:
         mom = cfg.momentum
         buffers: dict[int, torch.Tensor] = {}
         anchors, offsets_c = self._correction_views(correction, device)
-        loss_sum = torch.zeros(G, device=device)
         last = len(self.layers) - 1
         # plain SGD (no momentum, weight decay or correction): W -= lr * g^T a in one fused product
         plain = not (mom or cfg.weight_decay or anchors is not None or offsets_c is not None)
         threshold_backward = torch.ops.aten.threshold_backward
-        picked: list[torch.Tensor] = []
         for t in range(T):
             k, w = int(active[t]), int(width[t])
             idx = index_t[t, :k, :w]  # padding beyond the widest real batch is never computed
@@ -204,10 +218,9 @@ class FusedMLP:
                 else:
                     z = torch.bmm(acts[-1], W.transpose(1, 2))
                 acts.append(z.relu_() if layer_i < last else z)
-            logits = acts.pop()
-            logp = torch.log_softmax(logits, dim=2)
+            logp = torch.log_softmax(acts.pop(), dim=2)
             target = targets[t, :k, :w]
-            picked.append(logp.gather(2, target))  # log p of the targets [k, w, 1]: the loss, later
+            picked[t, :k, :w] = logp.gather(2, target).squeeze(2)
             grad = logp.exp_()
             grad.scatter_add_(2, target, minus_one[:k, :w])
             grad *= row_weight[t, :k, :w]  # dL/dz of each client's mean loss
@@ -226,22 +239,30 @@ class FusedMLP:
                     continue
                 if layer.train_weight:
                     gW = torch.bmm(grad.transpose(1, 2), a_prev)
-                    key = 2 * layer_i
-                    self._step(weights[layer_i], gW, k, buffers, key, anchors, offsets_c, layer.weight, mom)
+                    self._step(
+                        weights[layer_i], gW, k, buffers, 2 * layer_i, anchors, offsets_c, layer.weight
+                    )
                 if layer.train_bias:
-                    key = 2 * layer_i + 1
-                    gb = grad.sum(1)
-                    self._step(biases[layer_i], gb, k, buffers, key, anchors, offsets_c, layer.bias, mom)
+                    self._step(
+                        biases[layer_i],
+                        grad.sum(1),
+                        k,
+                        buffers,
+                        2 * layer_i + 1,
+                        anchors,
+                        offsets_c,
+                        layer.bias,
+                    )
                 grad = below
-        for t, logp_t in enumerate(picked):  # each client's summed loss over its real rows
-            k, w = logp_t.shape[:2]
-            loss_sum[:k] -= (logp_t.squeeze(2) * real[t, :k, :w]).sum(1)
+        # each client's summed loss over its real rows, in one reduction
+        loss_sum = -(picked * real.transpose(0, 1)).sum((0, 2))
         ends = self._assemble(start, weights, biases, G)
         losses = loss_sum.cpu().numpy()  # the group's one host sync
         results: list[ClientResult | None] = [None] * G
         for slot, i in enumerate(order):
-            seen = int((plans[i] >= 0).sum())
-            results[i] = ClientResult(ends[slot], float(losses[slot]) / max(seen, 1), len(plans[i]), seen)
+            results[i] = ClientResult(
+                ends[slot], float(losses[slot]) / max(int(seen[slot]), 1), int(steps[slot]), int(seen[slot])
+            )
         self.last_stack = (ends, order)  # the results' vectors are rows of ends, in this order
         return results
 
@@ -269,9 +290,9 @@ class FusedMLP:
                 ends[:, layer.bias] = bias
         return ends
 
-    def _step(self, param, grad, k, buffers, key, anchors, offsets, flat_slice, momentum):
+    def _step(self, param, grad, k, buffers, key, anchors, offsets, flat_slice):
         """torch's SGD rule on the first k clients of a stacked parameter (LocalSGD's arguments)."""
-        cfg = self.cfg
+        cfg, momentum = self.cfg, self.cfg.momentum
         p = param[:k]
         if anchors is not None:  # FedProx: + mu (w - w_global)
             grad = grad + anchors[1] * (p - anchors[0][flat_slice].view(p.shape[1:]))
@@ -305,13 +326,14 @@ def _shared_rows(xs: list[torch.Tensor], ys: list[torch.Tensor], d_in: int, shar
     """(X, Y, row offset of each client): the rows of one base tensor the clients' tensors are
     contiguous slices of (``FederatedData`` in memory), or (``share = False``, or no common base)
     their concatenation."""
+
     def base_of(t: torch.Tensor):
         return t._base if t._base is not None else t
 
     bx, by = base_of(xs[0]), base_of(ys[0])
     shared = share and bx.is_contiguous() and by.is_contiguous() and bx.dim() >= 1 and by.dim() == 1
     if shared:
-        row = int(np.prod(bx.shape[1:])) if bx.dim() > 1 else 1
+        row = math.prod(bx.shape[1:])
         shared = row == d_in
     if shared:
         offsets = []

@@ -182,3 +182,41 @@ def test_parallel_clients_key_is_checked():
     with pytest.raises(UserError, match="train.parallel_clients"):
         load_job(QUICKSTART, ["train.parallel_clients=0"])
     assert load_job(QUICKSTART, ["train.parallel_clients=16"]).train.parallel_clients == 16
+
+
+def test_group_sum_leaves_out_a_diverged_client(tmp_path, monkeypatch):
+    """A client whose trained model is not finite is left out of the group's sum and counted in
+    rejected_updates, as the engine does with one client's update (FedAvg.group_update looks at
+    the rows only when the sum is not finite)."""
+    from hpcfed.comm import world
+    from hpcfed.executor import GroupRun
+    from hpcfed.runner import Run
+
+    job = load_job(QUICKSTART, [f"out={tmp_path}", "rounds=1", "data.num_clients=20", "clients_per_round=8"])
+    run = Run(job, world(), job.run_dir, progress=False)
+    strategy, clients = run.strategy, [1, 4, 6, 9]
+    sick = clients[2]
+
+    def group_sum():
+        strategy.group = GroupRun(run.fused, clients, {})
+        strategy.begin_round(run.state, 0)
+        update = strategy.group_update(run.state, clients, 0)
+        stack, rows = strategy.group.stack, strategy.group.stack_clients
+        return update, (stack[rows.index(sick)] - torch.from_numpy(strategy._received)).double()
+
+    clean, delta = group_sum()
+    train = FusedMLP.train
+
+    def diverging(self, start, group, correction=None):
+        results = train(self, start, group, correction)
+        ends, order = self.last_stack
+        ends[order.index(clients.index(sick))] = float("nan")  # that client's model (a row of the stack)
+        return results
+
+    monkeypatch.setattr(FusedMLP, "train", diverging)
+    poisoned, _ = group_sum()
+    n = float(run.data.client(sick)[1].shape[0])
+    assert poisoned.metrics["rejected_updates"] == 1 and clean.metrics["rejected_updates"] == 0
+    assert poisoned.weight == clean.weight - n and poisoned.metrics["samples"] == clean.metrics["samples"] - n
+    np.testing.assert_allclose(poisoned.value, clean.value - n * delta.numpy(), rtol=1e-9, atol=1e-9)
+    assert np.isfinite(poisoned.metrics["loss_sum"])

@@ -128,24 +128,26 @@ class FedAvg(Strategy):
         if buffer is None or buffer.shape != parts.shape or buffer.device != parts.device:
             buffer = self._group_buffer = torch.empty(parts.shape, dtype=torch.float64, device=parts.device)
         deltas = torch.sub(parts, start, out=buffer)  # float32 - float32, each result held in float64
-        sizes = torch.tensor([float(r.samples) for r in results], dtype=torch.float64)
-        losses = torch.tensor([r.loss for r in results], dtype=torch.float64)
-        finite = torch.isfinite(deltas.sum(1)).cpu()
-        kept = sizes * finite
-        if not bool(finite.all()):
-            deltas, kept_rows = deltas[finite.to(deltas.device)], kept[finite]
-        else:
-            kept_rows = kept
-        value = (kept_rows.to(deltas.device) @ deltas).cpu().numpy()  # sum of n_i delta_i, float64
+        sizes = torch.from_numpy(np.array([r.samples for r in results], dtype=np.float64))
+        losses = np.array([r.loss for r in results], dtype=np.float64)
+        value = (sizes.to(deltas.device) @ deltas).cpu().numpy()  # sum of n_i delta_i, float64
+        # a client whose delta is not finite makes the sum non-finite (n_i >= 0; 0 * inf is NaN),
+        # so the rows are looked at only then, and the sum is formed again without them
+        finite = np.ones(len(results), dtype=bool)
+        if not np.isfinite(value).all():
+            rows = torch.isfinite(deltas).all(1)
+            value = (sizes.to(deltas.device)[rows] @ deltas[rows]).cpu().numpy()
+            finite = rows.cpu().numpy()
+        kept = sizes.numpy() * finite
         # The uplink is the identity codec, whose messages have a fixed length (the per-client
         # path encodes them; here nothing would decode them, so only their length is taken)
         message = self.compression.identity.encoded_size(deltas.shape[1])
         metrics = {
-            "loss_sum": float(losses @ kept),
+            "loss_sum": float(losses[finite] @ kept[finite]),
             "samples": float(kept.sum()),
             "bytes_up": float(message * len(client_ids)),
             "bytes_down": float(self._down_len * len(client_ids)),
-            "rejected_updates": float((~finite).sum()),
+            "rejected_updates": float(len(results) - finite.sum()),
         }
         return Update(value=value, weight=float(kept.sum()), metrics=metrics)
 
