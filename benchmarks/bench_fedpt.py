@@ -7,10 +7,17 @@ and of the tensors autograd saves for backward (counted with ``saved_tensors_hoo
 
 ``digits``: the digits MLP job (jobs/fedavg_digits.toml) with FedAvg and with FedPT
 ``freeze = "largest"``: a client-lr sweep without DP, then DP-FedAvg against DP-FedPT at the same
-sigma and S over three seeds. Final test accuracy, bytes up per round and epsilon.
+sigma and S. Every setting on IID, Dirichlet 0.5 and Dirichlet 0.1, seeds 0, 1, 2: client-lr sweeps
+of FedAvg and of FedPT with ``lr_scale = 1`` (the paper's plain reading), both at the default keys
+(FedPT's ``lr_scale = "auto"``), each at its best lr, and DP-FedAvg against DP-FedPT over a grid of
+sigma and S (with the quantiles of the update norms DP clips). Final test accuracy, bytes, epsilon.
+
+``init``: FedPT with the frozen layer initialised at a larger scale, against the lr sweep.
 
     python benchmarks/bench_fedpt.py step [--steps 50] [--repeats 5]
-    python benchmarks/bench_fedpt.py digits [--out FILE.json]
+    python benchmarks/bench_fedpt.py digits [--out FILE.json] [--plot FILE.png]
+    python benchmarks/bench_fedpt.py init [--out FILE.json]
+    python benchmarks/bench_fedpt.py tables --out FILE.json      # docs/fedpt.md's tables from a digits JSON
 """
 
 from __future__ import annotations
@@ -225,6 +232,14 @@ def bench_digits(args) -> dict:
                 eps = entry[alg]["iid"][0]["epsilon"]
                 show(f"sigma {sigma} S {clip} eps {eps:.2f} {alg}", entry[alg])
             out["dp"].append(entry)
+    # why lr_scale "auto" is 1 under DP: DP-FedPT at a larger client lr, sigma 1
+    out["dp_fedpt_lr_scale"] = []
+    for scale in (4.0, 20.0):
+        for clip in DP_GRID["clip"]:
+            dp = [f"dp.clip={clip}", "dp.noise_multiplier=1.0", f"train.lr={DP_LR}"]
+            cell = sweep.cell([*FEDPT, *dp, f"fedpt.lr_scale={scale}"])
+            out["dp_fedpt_lr_scale"].append({"lr_scale": scale, "clip": clip, "fedpt": cell})
+            show(f"sigma 1.0 S {clip} fedpt lr_scale {scale}", cell)
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
     if args.plot:
@@ -270,16 +285,127 @@ def plot(out: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def bench_init(args) -> dict:
+    """The frozen layer at a larger initial scale c (weights and bias x c): ReLU is positively
+    homogeneous, so the features are the same up to the factor c, and a step on the head's weights
+    acts like a step at lr x c^2. Is a better-scaled frozen init more than an lr change?"""
+    from hpcfed.models import mlp
+
+    build = mlp.MLP.__init__
+    scale = [1.0]
+
+    def scaled(self, *a, **k):
+        build(self, *a, **k)
+        with torch.no_grad():
+            for layer in self.hidden:
+                layer.weight.mul_(scale[0])
+                layer.bias.mul_(scale[0])
+
+    sweep, out = Sweep(), []
+    mlp.MLP.__init__ = scaled
+    try:
+        for c, lr in ((6**0.5, 0.05), (20**0.5, 0.05), (6**0.5, 1 / 3)):
+            scale[0] = c
+            cell = sweep.cell([*PLAIN, f"train.lr={lr}"])
+            out.append({"init_scale": c, "lr": lr, "lr_times_c2": lr * c * c, "runs": cell})
+            show(f"frozen init x{c:.2f}, lr {lr:.3f} (~lr {lr * c * c:.2f})", cell)
+    finally:
+        mlp.MLP.__init__ = build
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def seeds_mean(accs: list[float]) -> str:
+    return f"{' '.join(f'{a:.3f}' for a in accs)} ({np.mean(accs):.3f})"
+
+
+def md(*cells, header: bool = False) -> None:
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+    if header:
+        print("| --- " * len(cells) + "|")
+
+
+def points(a: list[float], b: list[float]) -> str:
+    return f"{100 * (np.mean(b) - np.mean(a)):+.1f}"
+
+
+def tables(path: Path) -> None:
+    """The markdown tables of docs/fedpt.md from a ``digits --out`` JSON."""
+    out = json.loads(path.read_text())
+    parts, default = out["partitions"], out["default"]
+    fa, pt = (default[alg]["iid"][0]["bytes_up_per_round"] for alg in ("fedavg", "fedpt"))
+    print(f"bytes up (= down) per round: fedavg {fa:,}  fedpt {pt:,}  ratio {fa / pt:.2f}x\n")
+    md("partition", "FedAvg (lr 0.05)", "FedPT (auto: lr 2.0)", "FedPT - FedAvg", header=True)
+    for p in parts:
+        a, b = accuracies(default["fedavg"], p), accuracies(default["fedpt"], p)
+        md(p, seeds_mean(a), seeds_mean(b), points(a, b))
+    print()
+    md("partition", "FedAvg, its best lr", "FedPT, its best lr (lr_scale 1)", "FedPT - FedAvg", header=True)
+    for p in parts:
+        ta, tb = out["tuned"]["fedavg"][p], out["tuned"]["fedpt"][p]
+        a, b = ([r["final_accuracy"] for r in t["runs"]] for t in (ta, tb))
+        md(p, f"lr {ta['lr']}: {seeds_mean(a)}", f"lr {tb['lr']}: {seeds_mean(b)}", points(a, b))
+    print()
+    algs = ("fedavg", "fedpt")
+    md("client lr", *(f"{alg} {p}" for alg in algs for p in parts), header=True)
+    by = {alg: {r["lr"]: r["runs"] for r in rows} for alg, rows in out["lr_sweep"].items()}
+    for lr in sorted(set(by["fedavg"]) | set(by["fedpt"])):
+        md(lr, *(f"{mean_acc(by[alg][lr], p):.3f}" if lr in by[alg] else "" for alg in algs for p in parts))
+    print()
+    md(
+        "sigma",
+        "eps",
+        "S",
+        "partition",
+        "DP-FedAvg",
+        "DP-FedPT",
+        "FedPT - FedAvg",
+        "clipped",
+        "norms FedAvg",
+        "norms FedPT",
+        header=True,
+    )
+    for e in out["dp"]:
+        for p in parts:
+            a, b = accuracies(e["fedavg"], p), accuracies(e["fedpt"], p)
+            clipped = " / ".join(f"{np.mean([r['clipped_fraction'] for r in e[alg][p]]):.2f}" for alg in algs)
+            norms = [np.mean([r["update_norm_q10_50_90"] for r in e[alg][p]], axis=0) for alg in algs]
+            q = [" / ".join(f"{x:.2f}" for x in n) for n in norms]
+            eps = e["fedavg"][p][0]["epsilon"]
+            md(
+                e["noise_multiplier"],
+                f"{eps:.2f}",
+                e["clip"],
+                p,
+                seeds_mean(a),
+                seeds_mean(b),
+                points(a, b),
+                clipped,
+                *q,
+            )
+    print()
+    base = {e["clip"]: e["fedpt"] for e in out["dp"] if e["noise_multiplier"] == 1.0}
+    scaled = {(e["lr_scale"], e["clip"]): e["fedpt"] for e in out.get("dp_fedpt_lr_scale", [])}
+    scales = sorted({k[0] for k in scaled})
+    md("S", *(f"x{s:g} {p}" for s in (1.0, *scales) for p in parts), header=True)
+    for clip, cell in base.items():
+        cells = [cell, *(scaled[(s, clip)] for s in scales)]
+        md(clip, *(f"{mean_acc(c, p):.3f}" for c in cells for p in parts))
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["step", "digits"])
+    parser.add_argument("what", choices=["step", "digits", "init", "tables"])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, help="digits: a PNG of the sweep")
     args = parser.parse_args(argv)
+    if args.what == "tables":
+        return tables(args.out)
     torch.set_num_threads(1)
-    result = bench_step(args) if args.what == "step" else bench_digits(args)
+    result = {"step": bench_step, "digits": bench_digits, "init": bench_init}[args.what](args)
     if args.out and args.what == "step":
         args.out.write_text(json.dumps(result, indent=2))
 
