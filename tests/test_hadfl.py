@@ -12,9 +12,11 @@ from scipy import stats
 
 from hpcfed.algorithms.hadfl import (
     cycle_time,
+    device_lrs,
     inclusion_probabilities,
     local_steps,
     pair_average,
+    pair_weights,
     pairing,
     select,
     selection_probabilities,
@@ -25,6 +27,7 @@ from hpcfed.config import load_job
 from hpcfed.io.metrics import read_metrics
 from hpcfed.models import build_model
 from hpcfed.rng import numpy_generator, torch_generator
+from hpcfed.train import LocalSGD
 
 from .conftest import ROOT, run_in_process
 
@@ -129,6 +132,40 @@ def test_pair_average_equals_numpy_weighted_mean():
     np.testing.assert_array_equal(pair_average([a, a], weights), a)
 
 
+def test_selection_by_staleness_alone():
+    tau, staleness = np.array([2, 2, 4]), np.array([0, 3, 1])
+    np.testing.assert_allclose(selection_probabilities(tau, staleness, "staleness"), np.array([1, 4, 2]) / 7)
+    np.testing.assert_allclose(
+        selection_probabilities(tau, staleness, "steps_staleness"), np.array([2, 8, 8]) / 18
+    )
+    # speed-blind: with no staleness the fast device is no likelier than a slow one
+    np.testing.assert_allclose(
+        selection_probabilities(local_steps(SPEEDS, 16), np.zeros(8), "staleness"), 1 / 8
+    )
+
+
+def test_pair_weights_by_hand():
+    sizes, tau = np.array([10.0, 30.0]), np.array([2, 16])
+    np.testing.assert_array_equal(pair_weights(sizes, tau, "data_steps"), [20.0, 480.0])
+    np.testing.assert_array_equal(pair_weights(sizes, tau, "data"), [10.0, 30.0])
+    # x_a = 1, x_b = 5: the data-weighted mean (10·1 + 30·5)/40 = 4 before the pair averages.
+    # Both then hold the pair average: "data" keeps 4; data x steps gives (20·1 + 480·5)/500 = 4.84,
+    # the mean moved 0.84 toward the fast device
+    a, b = np.float32([1.0]), np.float32([5.0])
+    for kind, mean in (("data", 4.0), ("data_steps", 4.84)):
+        assert pair_average([a, b], pair_weights(sizes, tau, kind).tolist())[0] == pytest.approx(
+            mean, rel=1e-6
+        )
+
+
+def test_device_lrs_by_hand():
+    tau = np.array([2, 4, 16])
+    np.testing.assert_allclose(device_lrs(0.1, tau, "same"), [0.1, 0.1, 0.1])
+    np.testing.assert_allclose(device_lrs(0.1, tau, "per_cycle"), [0.1, 0.05, 0.0125])
+    # every device's step budget per cycle, tau_i x lr_i, is the slowest one's
+    np.testing.assert_allclose(tau * device_lrs(0.1, tau, "per_cycle"), 0.2)
+
+
 # --------------------------------------------------------------------------- runs in one process
 
 
@@ -189,6 +226,58 @@ def test_sync_step_equals_averaged_gradient_step(tmp_path):
     np.testing.assert_allclose(run.state["model"], want, atol=2e-6)
 
 
+def test_full_average_cycle_is_the_data_weighted_mean(tmp_path):
+    """full_average_every = 2: cycle 2 ends in the data-weighted mean of all device models (what
+    the pair averages of the same cycle, weighted by data, leave as the devices' mean), every
+    device holds it, nobody is stale, and the cycle is charged a ring all-reduce."""
+    opts = ["rounds=2", "hadfl.pair_weight=data"]
+    full = run_in_process(small(tmp_path, *opts, "hadfl.full_average_every=2", name="full"))
+    pairs = run_in_process(small(tmp_path, *opts, name="pairs"))
+    models = list(full.strategy.models.values())
+    assert all(np.array_equal(models[0], x) for x in models)
+    np.testing.assert_allclose(models[0], pairs.state["model"], rtol=1e-5, atol=1e-6)
+    assert not all(np.array_equal(x, pairs.state["model"]) for x in pairs.strategy.models.values())
+    assert (full.state["staleness"] == 0).all()
+    _, m = read_metrics(full.run_dir / "log.h5")
+    p = full.flat.size
+    assert m["bytes_up"].tolist() == [4 * 4 * p, 2 * 7 * 4 * p]  # a pair cycle, then the full one
+    np.testing.assert_allclose(m["sim_time"], [2.0, 4.0])  # communication is not on the clock
+    # with data x steps pair weights the same cycle would have moved the mean elsewhere
+    skewed = run_in_process(small(tmp_path, "rounds=2", "hadfl.pair_weight=data_steps", name="skewed"))
+    assert np.abs(skewed.state["model"] - models[0]).max() > 1e-4
+
+
+def test_per_cycle_lr_reaches_each_device(tmp_path):
+    """lr_scale = per_cycle: with speeds 1, 2 (tau 1, 2) the fast device trains at lr/2. Two
+    devices always pair; with data weights the pair's model is the data-weighted mean of one step
+    at lr and two at lr/2 from the initial model, trained here by hand."""
+    opts = [
+        "rounds=1",
+        "data.num_clients=2",
+        "hadfl.speeds=[1, 2]",
+        "hadfl.local_steps=2",
+        "hadfl.pair_weight=data",
+    ]
+    run = run_in_process(small(tmp_path, *opts, "hadfl.lr_scale=per_cycle", name="per"))
+    job = run.job
+    torch.manual_seed(job.seed)
+    ref = build_model(job.model, run.data.input_shape, run.data.num_classes)
+    init = [q.detach().clone() for q in ref.parameters()]
+    trained = []
+    for d, (steps, lr) in enumerate(((1, job.train.lr), (2, job.train.lr / 2))):
+        with torch.no_grad():
+            for q, q0 in zip(ref.parameters(), init):
+                q.copy_(q0)
+        trainer = LocalSGD(ref, job.train.model_copy(update={"lr": lr}))
+        x, y = run.data.client(d)
+        trainer.train_steps(x, y, torch_generator(job.seed, "train", 0, d), steps)
+        trained.append(torch.cat([q.detach().flatten() for q in ref.parameters()]).numpy())
+    want = pair_average(trained, run.data.client_sizes.astype(np.float64).tolist())
+    np.testing.assert_allclose(run.strategy.models[1], want, atol=1e-6)
+    same = run_in_process(small(tmp_path, *opts, "hadfl.lr_scale=same", name="same"))
+    assert np.abs(same.strategy.models[1] - want).max() > 1e-4
+
+
 def test_measured_speeds_are_kept_in_the_checkpoint(tmp_path):
     job = small(tmp_path, 'hadfl.speeds="measured"', "rounds=2")
     run = run_in_process(job)
@@ -242,6 +331,10 @@ def test_plot_draws_accuracy_against_sim_time(tmp_path):
         (["hadfl.schedule=sync", "train.momentum=0.9"], ["hadfl.schedule 'sync'", "train.momentum"]),
         ("data.num_clients=1", ["data.num_clients", "at least 2"]),
         ("compress.sparsity=0.9", ["[compress]", "hadfl"]),
+        ("hadfl.pair_weight=steps", ["hadfl.pair_weight"]),
+        ("hadfl.selection=speed", ["hadfl.selection"]),
+        ("hadfl.lr_scale=adaptive", ["hadfl.lr_scale"]),
+        ("hadfl.full_average_every=-1", ["hadfl.full_average_every"]),
     ],
 )
 def test_config_errors_exit_2_one_line(tmp_path, capsys, override, needles):

@@ -21,6 +21,19 @@ pytestmark = pytest.mark.mpi
 
 JOB = ROOT / "jobs" / "hadfl_digits.toml"
 BASE = ["eval_every=2", "checkpoint_every=100", "hadfl.local_steps=8", "hadfl.max_staleness=2"]
+# issue 19's options, all away from the paper's reading at once; a full average every 2 cycles
+OPTIONS = [
+    "hadfl.pair_weight=data",
+    "hadfl.selection=staleness",
+    "hadfl.lr_scale=per_cycle",
+    "hadfl.full_average_every=2",
+]
+PAPER = [
+    "hadfl.pair_weight=data_steps",
+    "hadfl.selection=steps_staleness",
+    "hadfl.lr_scale=same",
+    "hadfl.full_average_every=0",
+]
 
 
 def _devices(run, comm) -> dict[str, np.ndarray]:
@@ -45,14 +58,18 @@ def test_pairing_identical_on_every_rank():
     assert len({tuple(p) for p in history}) > 50  # and the pairings do vary from cycle to cycle
 
 
-@pytest.mark.parametrize("schedule", ["hadfl", "dfedavg", "sync"])
-def test_one_two_three_ranks_same_device_models(schedule):
+@pytest.mark.parametrize(
+    "schedule, options",
+    [("hadfl", []), ("hadfl", OPTIONS), ("hadfl", PAPER), ("dfedavg", []), ("sync", [])],
+    ids=["hadfl", "hadfl-options", "hadfl-paper", "dfedavg", "sync"],
+)
+def test_one_two_three_ranks_same_device_models(schedule, options):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     tmp = shared_tmp(comm, "hpcfed-mpi-hadfl-")
     rounds = 6 if schedule == "hadfl" else 2
-    job = load_job(JOB, [f"out={tmp}", *BASE, f"rounds={rounds}", f"hadfl.schedule={schedule}"])
+    job = load_job(JOB, [f"out={tmp}", *BASE, f"rounds={rounds}", f"hadfl.schedule={schedule}", *options])
     world = run_in_process(job.model_copy(update={"name": "world"}), comm=comm)
     devices = _devices(world, comm)
     replicated = comm.allgather((world.state["sim_time"], world.state["staleness"], world.state["model"]))
@@ -77,12 +94,14 @@ def test_one_two_three_ranks_same_device_models(schedule):
     assert acc <= 1e-9, acc
 
 
-def test_resume_on_n_ranks_equals_uninterrupted():
+@pytest.mark.parametrize("options", [[], OPTIONS, PAPER], ids=["defaults", "options", "paper"])
+def test_resume_on_n_ranks_equals_uninterrupted(options):
+    """Resumed at cycle 3: with OPTIONS the next cycle (rnd 3) is a full average."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     tmp = shared_tmp(comm, "hpcfed-mpi-hadfl-")
-    job6 = load_job(JOB, [f"out={tmp}", *BASE, "rounds=6", "checkpoint_every=3", "eval_every=3"])
+    job6 = load_job(JOB, [f"out={tmp}", *BASE, "rounds=6", "checkpoint_every=3", "eval_every=3", *options])
     straight = run_in_process(job6.model_copy(update={"name": "straight"}), comm=comm)
     run_in_process(job6.model_copy(update={"name": "parts", "rounds": 3}), comm=comm)
     comm.Barrier()  # rank 0 writes the checkpoint; the others must not look for it before

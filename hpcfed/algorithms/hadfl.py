@@ -209,9 +209,10 @@ class HADFL(Strategy):
 
     def layout(self):
         sizes = {m: 1 for m in BASE_METRICS}
-        cfg = self.job.hadfl
-        if cfg.schedule == "hadfl" and cfg.full_average_every == 0:
-            return sizes  # pairs swap point to point: the collective carries metric sums only
+        if self.job.hadfl.schedule == "hadfl":
+            # pairs swap point to point: the cycle's collective carries metric sums only (a
+            # full_average_every cycle adds its own Allreduce of the model sum, average_model)
+            return sizes
         return {"value": self.flat.size, "weight": 1, **sizes}
 
     def extra_state(self):
@@ -292,13 +293,14 @@ class HADFL(Strategy):
 
     def _full_average(self, state, packed, loss_sum, samples, stop):
         """HADFL's periodic wider average (``full_average_every``): every device takes the
-        data-weighted mean of all device models, as a ``dfedavg`` cycle ends; nobody is stale."""
-        self._add_models(packed, self.sizes)
-        sent = ring_allreduce_bytes(self.n, 4 * self.flat.size) if self.rank == 0 else 0
-        total = self._finish(packed, loss_sum, samples, sent, stop)
-        self._set_all(total)
+        data-weighted mean of all device models, as a ``dfedavg`` cycle ends; nobody is stale.
+        Its own Allreduce, so that the other cycles' collective stays metric-sized."""
+        mean = self.average_model()
+        for d in self.mine:
+            self.models[d] = mean.copy()
         state["staleness"] = np.zeros_like(state["staleness"])
-        return total
+        sent = ring_allreduce_bytes(self.n, 4 * self.flat.size) if self.rank == 0 else 0
+        return self._finish(packed, loss_sum, samples, sent, stop)
 
     def _dfedavg(self, state, rnd, packed, stop):
         tau = self.job.hadfl.local_steps
