@@ -156,9 +156,10 @@ class FedPTConfig(_Strict):
 
     freeze: str | list[str] | None = None
     trainable: list[str] | None = None
-    # client lr = train.lr x lr_scale. "auto": FEDPT_HEAD_LR_SCALE when every trainable parameter
-    # comes after every frozen one (a head on frozen random features, a convex problem that needs
-    # and tolerates a larger step: docs/fedpt.md), else 1. 1.0: the paper's plain reading.
+    # client lr = train.lr x lr_scale. "auto": x40 (HEAD_LR_SCALE in algorithms/fedpt.py) without
+    # [dp] when every trainable parameter comes after every frozen one (a head on frozen random
+    # features, a convex problem that needs and tolerates a larger step: docs/fedpt.md), else x1.
+    # 1.0: the paper's plain reading.
     lr_scale: float | Literal["auto"] = "auto"
 
     @model_validator(mode="after")

@@ -23,7 +23,17 @@ parameters, or name globs; or ``trainable = [globs]``) where the paper studies c
 its models; the frozen weights use PyTorch's default initialisation like every model here; a
 checkpoint stores the whole model (frozen part included) so it loads on its own. DP is DP-FedAvg
 from ``dp.py``: FedPT's gain under DP is that the same per-coordinate noise covers fewer
-coordinates.
+coordinates (and never touches the frozen features).
+
+Learning rate (issue 19): the paper's abstract does not say how the client lr relates to the
+trainable share. A frozen random hidden layer makes the head a linear model on fixed features, a
+convex problem whose useful step is far larger than the whole network's, so the job's
+``train.lr`` (chosen for the whole model) starves it: on digits FedPT at lr 0.05 trails FedAvg by
+6-9 points, and is flat within ~1.5 points from lr 1 to 64. ``fedpt.lr_scale = "auto"`` therefore
+multiplies the client lr by :data:`HEAD_LR_SCALE` for such a head without DP (``lr_scale = 1`` is
+the plain reading). A frozen layer initialised at a larger scale ``c`` is the same lr change in
+disguise (ReLU is positively homogeneous: a step on the head acts as ``lr x c^2``), so the init
+stays PyTorch's. Measurements: docs/fedpt.md.
 """
 
 from __future__ import annotations
