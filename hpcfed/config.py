@@ -278,6 +278,16 @@ class SuperFedConfig(_Strict):
     decay_fraction: float = Field(0.8, gt=0, le=1)  # the decay lasts this share of the rounds
     # "maxnet": the role weights alone (the paper); "samples": role weight x the client's sample count
     weighting: Literal["maxnet", "samples"] = "maxnet"
+    # in-place distillation: the share of each client's loss on the teacher's soft predictions
+    # (0: labels only, the paper's MaxNet); the teacher is the global model at the round's start:
+    # "largest" (its largest subnet, as OFA/BigNAS; the client then downloads the whole supernet)
+    # or "subnet" (the client's own subnet as received: no extra bytes)
+    distill: float = Field(0.0, ge=0, lt=1)
+    teacher: Literal["largest", "subnet"] = "largest"
+    # an element's average: over the clients whose subnet covers it ("covering", the paper), or
+    # over the whole cohort with the others counted as leaving it unchanged ("cohort": an element
+    # few clients train moves in proportion to their share of the round's weight)
+    average: Literal["covering", "cohort"] = "covering"
     # evaluated every eval_every: "smallest" | "largest" | specs; None: smallest, two middle, largest
     eval_subnets: list[str | dict[str, Any]] | None = None
 

@@ -30,12 +30,21 @@ SUPERFED = [
 ]
 
 
-def test_one_two_three_ranks_same_supernet():
+# the options beyond the paper's reading: sample weights, the cohort average, both teachers
+OPTIONS = {
+    "paper": ["superfed.beta0=0.9", "superfed.weighting=maxnet"],
+    "options": ["superfed.weighting=samples", "superfed.average=cohort", "superfed.distill=0.3"],
+    "subnet-teacher": ["superfed.distill=0.3", "superfed.teacher=subnet"],
+}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_one_two_three_ranks_same_supernet(options):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     tmp = shared_tmp(comm, "hpcfed-mpi-superfed-")
-    job = load_job(QUICKSTART, [f"out={tmp}", "rounds=4", "eval_every=2", *SUPERFED])
+    job = load_job(QUICKSTART, [f"out={tmp}", "rounds=4", "eval_every=2", *SUPERFED, *OPTIONS[options]])
     replicated, diff, acc = world_vs_single(job, comm, tmp)
     assert replicated
     assert diff <= 1e-6, diff
@@ -56,7 +65,8 @@ class StopAfter(StopFlag):
         return self.received is not None
 
 
-def test_resume_on_n_ranks_equals_uninterrupted():
+@pytest.mark.parametrize("options", ["paper", "options"])
+def test_resume_on_n_ranks_equals_uninterrupted(options):
     from mpi4py import MPI
 
     from hpcfed.io.metrics import read_metrics
@@ -64,7 +74,15 @@ def test_resume_on_n_ranks_equals_uninterrupted():
 
     comm = MPI.COMM_WORLD
     tmp = shared_tmp(comm, "hpcfed-mpi-superfed-resume-")
-    job = load_job(QUICKSTART, [f"out={tmp}", "rounds=6", "eval_every=1", "checkpoint_every=10", *SUPERFED])
+    overrides = [
+        f"out={tmp}",
+        "rounds=6",
+        "eval_every=1",
+        "checkpoint_every=10",
+        *SUPERFED,
+        *OPTIONS[options],
+    ]
+    job = load_job(QUICKSTART, overrides)
     straight = run_in_process(job.model_copy(update={"name": "straight"}), comm=comm)
     parts = job.model_copy(update={"name": "parts"})
     first = Run(parts, comm, parts.run_dir, progress=False, stop=StopAfter(3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import h5py
@@ -11,9 +12,18 @@ import pytest
 import torch
 
 from hpcfed.algorithms.base import Update, weighted_mean
-from hpcfed.algorithms.superfed import contribution, maxnet_beta, sandwich
+from hpcfed.algorithms.superfed import (
+    Distilling,
+    client_weight,
+    cohort_contribution,
+    contribution,
+    distill_loss,
+    maxnet_beta,
+    sandwich,
+)
 from hpcfed.config import ModelConfig, SuperFedConfig, UserError, load_job, to_toml, validate
 from hpcfed.flat import FlatModel
+from hpcfed.io.metrics import read_metrics
 from hpcfed.models import build_model
 from hpcfed.models.elastic import elastic_space, extract, make_subnet, prefix_index, scatter
 from hpcfed.models.factorized import count_macs
@@ -44,6 +54,52 @@ def test_disjoint_overlapping_and_uncovered_elements():
     np.testing.assert_array_equal(new[[3, 4]], 200.0)  # only b: b's value, whatever its weight
     assert new[5] == pytest.approx((0.9 * 100 + 0.1 * 200) / 1.0)  # both: 110
     np.testing.assert_array_equal(new[6:], old[6:])  # nobody: unchanged
+
+
+def test_sample_weighting_by_hand():
+    # the largest subnet's client (share 0.5, 10 samples, θ = 1) and another (share 0.25, 40, θ = 4)
+    assert client_weight(0.5, 10.0, "maxnet") == 0.5 and client_weight(0.5, 10.0, "samples") == 5.0
+    for weighting, want in (("maxnet", (0.5 * 1 + 0.25 * 4) / 0.75), ("samples", (5 * 1 + 10 * 4) / 15)):
+        a = contribution(1, np.array([0]), np.array([1.0]), client_weight(0.5, 10.0, weighting))
+        b = contribution(1, np.array([0]), np.array([4.0]), client_weight(0.25, 40.0, weighting))
+        assert weighted_mean(total(a, b), np.zeros(1))[0] == pytest.approx(want)  # 2.0 and 3.0
+
+
+def test_cohort_average_counts_non_covering_clients_as_unchanged():
+    old = np.array([1.0, 2.0, 3.0, 4.0])
+    a = cohort_contribution(old, np.array([0, 1]), np.array([10.0, 10.0]), 0.5)
+    b = cohort_contribution(old, np.array([1, 2]), np.array([20.0, 20.0]), 0.25)
+    new = weighted_mean(total(a, b), old)
+    # element 0: a moves it, b (not covering) leaves it at 1; element 3: nobody covers it
+    np.testing.assert_allclose(new, [(5 + 0.25) / 0.75, (5 + 5) / 0.75, (1.5 + 5) / 0.75, 4.0])
+    a = contribution(4, np.array([0, 1]), np.array([10.0, 10.0]), 0.5)
+    b = contribution(4, np.array([1, 2]), np.array([20.0, 20.0]), 0.25)
+    covering = weighted_mean(total(a, b), old)
+    np.testing.assert_allclose(covering, [10.0, 10 / 0.75, 20.0, 4.0])  # the paper's: covering clients only
+
+
+def test_distillation_loss_and_targets_by_hand():
+    logits = torch.log(torch.tensor([[1.0, 3.0]]))  # softmax (1/4, 3/4)
+    packed = torch.tensor([[0.0, 0.5, 0.5]])  # label 0, teacher (1/2, 1/2)
+    ce, soft = math.log(4), 0.5 * math.log(4) + 0.5 * math.log(4 / 3)
+    loss = distill_loss(torch.nn.functional.cross_entropy, 0.25)(logits, packed)
+    assert float(loss) == pytest.approx(0.75 * ce + 0.25 * soft)
+    assert float(distill_loss(torch.nn.functional.cross_entropy, 0.0)(logits, packed)) == pytest.approx(ce)
+    # the packed targets: the label, then the teacher's softmax on the same sample
+    teacher = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.tensor([[0.0], [math.log(3)]]))  # x = 1: logits (0, ln 3)
+
+    class Trainer:
+        loss = staticmethod(torch.nn.functional.cross_entropy)
+
+        def train(self, x, y, generator):
+            self.seen = y
+            return 0.0, 1
+
+    inner = Trainer()
+    Distilling(inner, 0.25, teacher).train(torch.ones(2, 1), torch.tensor([1, 0]), None)
+    torch.testing.assert_close(inner.seen, torch.tensor([[1.0, 0.25, 0.75], [0.0, 0.25, 0.75]]))
 
 
 def test_maxnet_beta_schedule():
@@ -223,6 +279,27 @@ def test_every_client_each_round_gets_the_largest_subnet_in_turn(tmp_path):
         # test_accuracy is the largest subnet's
         assert metrics["test_accuracy"][7] == pytest.approx(family["accuracy"][1, -1], abs=1e-12)
         assert (metrics["bytes_down"][()] > 0).all() and (metrics["train_macs"][()] > 0).all()
+
+
+def test_options_change_training_and_the_teacher_its_downlink(tmp_path):
+    common = ("clients_per_round=3", "rounds=2", "eval_every=2")
+    runs = {}
+    for name, extra in {
+        "paper": (),
+        "samples": ("superfed.weighting=samples",),
+        "cohort": ("superfed.average=cohort",),
+        "largest": ("superfed.distill=0.5",),
+        "subnet": ("superfed.distill=0.5", "superfed.teacher=subnet"),
+    }.items():
+        job = tiny(tmp_path, *common, f"name={name}", *extra)
+        runs[name] = (run_in_process(job), read_metrics(job.run_dir / "log.h5")[1])
+    paper, log = runs["paper"]
+    for name in ("samples", "cohort", "largest", "subnet"):  # each option changes the supernet
+        assert np.abs(runs[name][0].state["model"] - paper.state["model"]).max() > 1e-4, name
+    # the subnet teacher needs nothing more than the slices; the largest one the whole supernet
+    np.testing.assert_array_equal(runs["subnet"][1]["bytes_down"], log["bytes_down"])
+    assert (runs["largest"][1]["bytes_down"] >= 3 * 4 * paper.state["model"].size).all()
+    assert (runs["subnet"][1]["train_macs"] > log["train_macs"]).all()  # + the teacher's forward pass
 
 
 def test_log_family_rows_are_cut_on_resume_and_rebuilt_from_history(tmp_path):

@@ -44,6 +44,8 @@ import math
 from collections import OrderedDict
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.algorithms.compression import Compression, require_plain_uplink
@@ -78,6 +80,50 @@ def client_weight(share: float, samples: float, weighting: str) -> float:
     return share * samples if weighting == "samples" else share
 
 
+def cohort_contribution(old: np.ndarray, index: np.ndarray, theta: np.ndarray, w: float) -> Update:
+    """``average = "cohort"``: one client's part of the round over the whole supernet: ``w·θ`` at
+    its subnet's positions, ``w·θ_old`` (no change) everywhere else, and weight ``w`` everywhere."""
+    value = w * np.asarray(old, dtype=np.float64)
+    value[index] = w * np.asarray(theta, dtype=np.float64)
+    return Update(value=value, weight=np.full(old.size, float(w)))
+
+
+def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``−Σ_k p_k log softmax(logits)_k``: cross-entropy against soft targets."""
+    return -(probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def distill_loss(base, share: float):
+    """The loss of a distilling client: ``(1 − λ)·base(outputs, labels) + λ·soft CE(outputs, p)``
+    (the authors' ``kd_ratio`` form). Targets come packed as ``[label, p_1, …, p_C]`` per row, so
+    the shared training loop indexes labels and teacher predictions with the same minibatch."""
+
+    def loss(outputs: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        labels = packed[:, 0].long()
+        return (1 - share) * base(outputs, labels) + share * soft_cross_entropy(outputs, packed[:, 1:])
+
+    return loss
+
+
+class Distilling:
+    """A client's trainer with the teacher's soft predictions beside its labels: the teacher
+    (a module holding the global weights of the round's start) predicts the client's samples once,
+    before training; then plain local SGD runs on the packed targets with :func:`distill_loss`."""
+
+    def __init__(self, trainer: LocalSGD, share: float, teacher: torch.nn.Module):
+        self.trainer, self.teacher = trainer, teacher
+        trainer.loss = distill_loss(trainer.loss, share)
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.teacher.eval()
+        probs = F.softmax(self.teacher(x), dim=1)
+        return torch.cat([y.to(probs.dtype).unsqueeze(1), probs], dim=1)
+
+    def train(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+        return self.trainer.train(x, self.targets(x, y), generator)
+
+
 class SuperFed(Strategy):
     name = "superfed"
     per_element_weights = True
@@ -100,6 +146,7 @@ class SuperFed(Strategy):
         self.compression = Compression(self.job.compress, self.job.seed, self.data.num_clients)
         self._subnets: OrderedDict[str, tuple[Subnet, LocalSGD]] = OrderedDict()
         self._eval: list[Subnet] = []
+        self._teacher: Subnet | None = None
         self._plan_round: int | None = None
         self._plan: dict[int, tuple[dict, float]] = {}
         self._roles: tuple[int, int | None] = (-1, None)
@@ -155,28 +202,52 @@ class SuperFed(Strategy):
             self._subnets.move_to_end(key)
         else:
             sub = make_subnet(self.space, spec, self.flat, self.input_shape, self.classes)
-            self._subnets[key] = (sub, LocalSGD(sub.module, self.job.train))
+            trainer = LocalSGD(sub.module, self.job.train)
+            if self.cfg.distill > 0:  # "subnet": the module itself, as received, predicts first
+                teacher = self.teacher.module if self.cfg.teacher == "largest" else sub.module
+                trainer = Distilling(trainer, self.cfg.distill, teacher)
+            self._subnets[key] = (sub, trainer)
             if len(self._subnets) > CACHE:
                 self._subnets.popitem(last=False)
         return self._subnets[key]
+
+    @property
+    def teacher(self) -> Subnet:
+        """The largest subnet's model, the teacher of ``superfed.teacher = "largest"``."""
+        if self._teacher is None:
+            self._teacher = make_subnet(
+                self.space, self.space.largest(), self.flat, self.input_shape, self.classes
+            )
+        return self._teacher
 
     def client_update(self, state, client_id, round_index) -> Update:
         if self._plan_round != round_index:
             self.plan(state, round_index)
         spec, w = self._plan[client_id]
         sub, trainer = self.subnet(spec)
+        whole = self.cfg.distill > 0 and self.cfg.teacher == "largest"
+        if whole:  # the client gets the whole supernet (its slices are in it) to run the teacher
+            self.teacher.flat.set(state["model"][self.teacher.index])
         # down: the subnet's slices, and its spec so the client can build the model; up: their change
         r = train_slices(self, sub.flat, trainer, state["model"][sub.index], client_id, round_index)
         n, k = r.samples, float(self.job.clients_per_round)
-        update = contribution(self.flat.size, sub.index, r.theta, client_weight(w, n, self.cfg.weighting))
+        w = client_weight(w, n, self.cfg.weighting)
+        if self.cfg.average == "cohort":
+            update = cohort_contribution(state["model"], sub.index, r.theta, w)
+        else:
+            update = contribution(self.flat.size, sub.index, r.theta, w)
+        down = len(self.codec.encode(state["model"], {})[0]) if whole else len(r.down)
+        teacher_macs = (self.teacher.macs if whole else sub.macs) * n if self.cfg.distill > 0 else 0.0
         update.metrics = {
             "loss_sum": r.loss * n,
             "samples": n,
             "bytes_up": len(r.up),
-            "bytes_down": len(r.down) + len(spec_text(spec).encode()),
+            "bytes_down": down + len(spec_text(spec).encode()),
             "sub_params": sub.params / k,
             "sub_macs": sub.macs / k,
-            "train_macs": 3.0 * sub.macs * n * self.job.train.epochs,
+            # training: forward + backward (~3 forward passes) per sample and epoch, and one
+            # forward pass of the teacher per sample when distilling
+            "train_macs": 3.0 * sub.macs * n * self.job.train.epochs + teacher_macs,
         }
         return update
 
