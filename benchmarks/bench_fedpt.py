@@ -123,7 +123,7 @@ SEEDS = (0, 1, 2)
 PLAIN = [*FEDPT, "fedpt.lr_scale=1.0"]  # the paper's plain reading: FedAvg's client lr
 LRS = {"fedavg": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "fedpt": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 16.0, 64.0)}
 DP_LR = 0.5  # both algorithms' client lr under DP (FedAvg's best without DP; fedpt's "auto" is x1 there)
-DP_GRID = {"noise_multiplier": (2.0, 1.0, 0.5), "clip": (0.1, 0.2, 0.5, 1.0)}
+DP_GRID = {"noise_multiplier": (2.0, 1.0, 0.5), "clip": (0.1, 0.2, 0.3, 0.5, 1.0)}
 
 
 class NormRecorder:
@@ -383,6 +383,30 @@ def tables(path: Path) -> None:
                 points(a, b),
                 clipped,
                 *q,
+            )
+    print()
+    md(
+        "sigma",
+        "eps",
+        "partition",
+        "DP-FedAvg, its best S",
+        "DP-FedPT, its best S",
+        "FedPT - FedAvg",
+        header=True,
+    )
+    for sigma in sorted({e["noise_multiplier"] for e in out["dp"]}, reverse=True):
+        rows = [e for e in out["dp"] if e["noise_multiplier"] == sigma]
+        for p in parts:
+            best = [max(rows, key=lambda e: mean_acc(e[alg], p)) for alg in algs]
+            a, b = (accuracies(e[alg], p) for e, alg in zip(best, algs))
+            eps = rows[0]["fedavg"][p][0]["epsilon"]
+            md(
+                sigma,
+                f"{eps:.2f}",
+                p,
+                f"S {best[0]['clip']}: {seeds_mean(a)}",
+                f"S {best[1]['clip']}: {seeds_mean(b)}",
+                points(a, b),
             )
     print()
     base = {e["clip"]: e["fedpt"] for e in out["dp"] if e["noise_multiplier"] == 1.0}
