@@ -18,7 +18,7 @@ from hpcfed.models.cnn import build_cnn
 from hpcfed.rng import cohort
 from hpcfed.runner import Run
 
-from .conftest import QUICKSTART
+from .conftest import QUICKSTART, assert_resume_matches, run_in_process
 
 SMALL = ["data.num_clients=20", "clients_per_round=5", "eval_every=2", "checkpoint_every=100"]
 LARGEST = ["algorithm=fedpt", 'fedpt.freeze="largest"']
@@ -205,3 +205,12 @@ def test_lr_scale_equals_the_scaled_train_lr(tmp_path):
     np.testing.assert_array_equal(scaled.state["model"], plain.state["model"])
     auto, _ = _run(tmp_path, "auto", LARGEST)  # quickstart's train.lr = 0.05, x 40
     assert auto.strategy.trainer.cfg.lr == 2.0 and auto.job.train.lr == 0.05
+
+
+def test_resume_with_the_scaled_lr_equals_an_uninterrupted_run(tmp_path):
+    keys = [f"out={tmp_path}", *SMALL, "checkpoint_every=3", *LARGEST]  # lr_scale "auto": x40
+    straight = run_in_process(load_job(QUICKSTART, [*keys, "name=straight", "rounds=6"]))
+    run_in_process(load_job(QUICKSTART, [*keys, "name=parts", "rounds=3"]))
+    resumed = run_in_process(load_job(QUICKSTART, [*keys, "name=parts", "rounds=6"]), resume=True)
+    assert resumed.strategy.trainer.cfg.lr == 2.0
+    assert_resume_matches(straight, resumed, tmp_path, ("train_loss", "bytes_up", "bytes_down"))
