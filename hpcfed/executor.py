@@ -54,6 +54,8 @@ AUTO_MAX_WIDTH = 1024
 # Clients trained at once by "auto": beyond this the stacked activations outgrow the caches
 # for no further gain (measured 100 -> 1,000: flat), and memory grows linearly.
 AUTO_GROUP = 128
+# A group's inputs for all its steps are gathered at once up to this many floats (16 MB).
+GATHER_ALL_FLOATS = 1 << 22
 
 
 @dataclass
@@ -205,6 +207,8 @@ class FusedMLP:
         index_t = torch.from_numpy(index_np).to(device).view(G, T, B).transpose(0, 1)
         real = torch.from_numpy(real_np).to(device=device, dtype=torch.float32)  # [G, T, B]
         targets = Y[index_t].unsqueeze(3)  # [T, G, B, 1]: every step's targets in one gather
+        # and every step's inputs too, where they fit in a few MB (else a gather per step)
+        inputs = X[index_t] if index_np.size * d_in <= GATHER_ALL_FLOATS else None  # [T, G, B, d]
         # each real row's weight in its client's mean loss: dL/dz of the mean is (p - onehot) * this
         row_weight = (real / real.sum(2, keepdim=True).clamp_(min=1.0)).transpose(0, 1).unsqueeze(3)
         minus_one = torch.full((G, B, 1), -1.0, device=device)
@@ -227,8 +231,8 @@ class FusedMLP:
         threshold_backward = torch.ops.aten.threshold_backward
         for t in range(T):
             k, w = int(active[t]), int(width[t])
-            idx = index_t[t, :k, :w]  # padding beyond the widest real batch is never computed
-            acts = [X[idx]]  # [k, w, d]
+            # padding beyond the widest real batch is never computed
+            acts = [inputs[t, :k, :w] if inputs is not None else X[index_t[t, :k, :w]]]  # [k, w, d]
             for layer_i in range(last + 1):
                 W, b = weights[layer_i][:k], biases[layer_i]
                 if b is not None:

@@ -122,12 +122,17 @@ class FedAvg(Strategy):
         results = [group.results[c] for c in group.stack_clients]  # in the stack's row order
         start = torch.from_numpy(received).to(group.stack.device)
         parts = self.read_parts(group.stack)
-        # the deltas, in float64 for the sum, in a buffer kept between rounds: a fresh one of this
-        # size costs more in page faults than the arithmetic (G x p x 8 bytes, 7.7 MB at 100 x 9,610)
-        buffer = getattr(self, "_group_buffer", None)
-        if buffer is None or buffer.shape != parts.shape or buffer.device != parts.device:
-            buffer = self._group_buffer = torch.empty(parts.shape, dtype=torch.float64, device=parts.device)
-        deltas = torch.sub(parts, start, out=buffer)  # float32 - float32, each result held in float64
+        # the deltas in float32 (as each client's message holds them), then widened to float64 for
+        # the sum, both in buffers kept between rounds: a fresh one of this size costs more in page
+        # faults than the arithmetic (G x p x 8 bytes, 7.7 MB at 100 x 9,610), and a float32
+        # subtraction and a cast take 1.4x less time than one subtraction into a float64 output
+        buffers = getattr(self, "_group_buffers", None)
+        if buffers is None or buffers[0].shape != parts.shape or buffers[0].device != parts.device:
+            buffers = self._group_buffers = (
+                torch.empty_like(parts),
+                torch.empty(parts.shape, dtype=torch.float64, device=parts.device),
+            )
+        deltas = buffers[1].copy_(torch.sub(parts, start, out=buffers[0]))
         sizes = torch.from_numpy(np.array([r.samples for r in results], dtype=np.float64))
         losses = np.array([r.loss for r in results], dtype=np.float64)
         value = (sizes.to(deltas.device) @ deltas).cpu().numpy()  # sum of n_i delta_i, float64
