@@ -29,7 +29,7 @@ Learning rate (issue 19): the paper's abstract does not say how the client lr re
 trainable share. A frozen random hidden layer makes the head a linear model on fixed features, a
 convex problem whose useful step is far larger than the whole network's, so the job's
 ``train.lr`` (chosen for the whole model) starves it: on digits FedPT at lr 0.05 trails FedAvg by
-6-9 points, and is flat within ~1.5 points from lr 1 to 64. ``fedpt.lr_scale = "auto"`` therefore
+6-9 points, and is flat within 2 points from lr 1 to 64. ``fedpt.lr_scale = "auto"`` therefore
 multiplies the client lr by :data:`HEAD_LR_SCALE` for such a head without DP (``lr_scale = 1`` is
 the plain reading). A frozen layer initialised at a larger scale ``c`` is the same lr change in
 disguise (ReLU is positively homogeneous: a step on the head acts as ``lr x c^2``), so the init
@@ -50,7 +50,7 @@ from hpcfed.flat import FlatModel
 
 # ``lr_scale = "auto"`` for a head on frozen layers, without DP. Measured on digits (MLP 64-128-10,
 # hidden.0 frozen; benchmarks/bench_fedpt.py, 3 partitions x 3 seeds): the head's accuracy after 50
-# rounds is flat within ~1.5 points from client lr 1 to 64 and falls off below 1 (0.83 at 0.05, the
+# rounds is flat within 2 points from client lr 1 to 64 and falls off below 1 (0.83 at 0.05, the
 # whole model's default). 40 puts the default train.lr = 0.05 at lr 2, mid-plateau.
 HEAD_LR_SCALE = 40.0
 
