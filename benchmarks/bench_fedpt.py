@@ -13,10 +13,12 @@ of FedAvg and of FedPT with ``lr_scale = 1`` (the paper's plain reading), both a
 sigma and S (with the quantiles of the update norms DP clips). Final test accuracy, bytes, epsilon.
 
 ``init``: FedPT with the frozen layer initialised at a larger scale, against the lr sweep.
+``heads``: ``lr_scale = "auto"`` on other heads (a wider frozen layer, two frozen layers).
 
     python benchmarks/bench_fedpt.py step [--steps 50] [--repeats 5]
     python benchmarks/bench_fedpt.py digits [--out FILE.json] [--plot FILE.png]
     python benchmarks/bench_fedpt.py init [--out FILE.json]
+    python benchmarks/bench_fedpt.py heads [--out FILE.json]
     python benchmarks/bench_fedpt.py tables --out FILE.json      # docs/fedpt.md's tables from a digits JSON
 """
 
@@ -316,6 +318,32 @@ def bench_init(args) -> dict:
     return out
 
 
+def bench_heads(args) -> dict:
+    """Does "auto" (x40) carry over to other heads on frozen layers? A wider frozen layer and two
+    frozen layers, at the default keys: FedAvg, FedPT at lr_scale 1 and at "auto"."""
+    sweep, out = Sweep(), []
+    models = {
+        "64-512-10, hidden.0 frozen": (["model.hidden=[512]"], FEDPT),
+        "64-128-128-10, both hidden frozen": (
+            ["model.hidden=[128, 128]"],
+            ["algorithm=fedpt", 'fedpt.freeze=["hidden.*"]'],
+        ),
+    }
+    for label, (model, fedpt) in models.items():
+        row = {"model": label}
+        for name, extra in (
+            ("fedavg", []),
+            ("fedpt_lr_scale_1", [*fedpt, "fedpt.lr_scale=1.0"]),
+            ("fedpt_auto", fedpt),
+        ):
+            row[name] = sweep.cell([*model, *extra])
+            show(f"{label[:14]} {name}", row[name])
+        out.append(row)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def seeds_mean(accs: list[float]) -> str:
     return f"{' '.join(f'{a:.3f}' for a in accs)} ({np.mean(accs):.3f})"
 
@@ -420,7 +448,7 @@ def tables(path: Path) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["step", "digits", "init", "tables"])
+    parser.add_argument("what", choices=["step", "digits", "init", "heads", "tables"])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
@@ -429,7 +457,9 @@ def main(argv: list[str]) -> None:
     if args.what == "tables":
         return tables(args.out)
     torch.set_num_threads(1)
-    result = {"step": bench_step, "digits": bench_digits, "init": bench_init}[args.what](args)
+    result = {"step": bench_step, "digits": bench_digits, "init": bench_init, "heads": bench_heads}[
+        args.what
+    ](args)
     if args.out and args.what == "step":
         args.out.write_text(json.dumps(result, indent=2))
 
