@@ -76,9 +76,10 @@ PARTITIONS = {
     "dirichlet0.5": ["data.partition=dirichlet", "data.alpha=0.5"],
     "dirichlet0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
 }
-# Dirichlet(0.1): 85 % is out of dfedavg's reach within the budget on some seeds; 80 % is reached
-# by both baselines on every seed (benchmarks/results/hadfl.json, "runs")
-TARGETS = {"iid": 0.85, "dirichlet0.5": 0.85, "dirichlet0.1": 0.80}
+# 85 % (issue 7's target) is reached by both baselines on every seed of every partition here,
+# Dirichlet(0.1) included (57-112 s); 80 % is reported too (the early phase, where skew bites)
+TARGETS = {"iid": 0.85, "dirichlet0.5": 0.85, "dirichlet0.1": 0.85}
+SECOND_TARGET = 0.80
 PAPER = {
     "pair_weight": "data_steps",
     "selection": "steps_staleness",
@@ -291,30 +292,25 @@ def sweep(comm, args) -> list[dict]:
 
 def summarise(rows: list[dict], budget: float) -> list[dict]:
     """One row per (partition, seed, key set, variant): speed-ups against the same key set's
-    dfedavg and against sync, final accuracies."""
+    dfedavg and against sync (at the partition's target and at SECOND_TARGET), final accuracies."""
     out = []
     for h in (r for r in rows if r["schedule"] == "hadfl"):
         same = [r for r in rows if r["partition"] == h["partition"] and r["seed"] == h["seed"]]
         d = next(r for r in same if r["schedule"] == "dfedavg" and r["keys"] == h["keys"])
         s = next(r for r in same if r["schedule"] == "sync")
-        out.append(
-            {
-                **{k: h[k] for k in ("partition", "seed", "keys", "variant")},
-                "target": TARGETS[h["partition"]],
-                "t_hadfl": h["time_to_target"],
-                "t_dfedavg": d["time_to_target"],
-                "t_sync": s["time_to_target"],
-                "speedup_vs_dfedavg": ratio(d["time_to_target"], h["time_to_target"], budget),
-                "speedup_vs_sync": ratio(s["time_to_target"], h["time_to_target"], budget),
-                "final_hadfl": round(h["final_accuracy"], 4),
-                "final_dfedavg": round(d["final_accuracy"], 4),
-                "final_sync": round(s["final_accuracy"], 4),
-                "influence_fast": h["influence_fast"],
-                "label_tv": h["label_tv"],
-                "pred_tv_fast": h["pred_tv_fast"],
-                "pred_tv_fast_dfedavg": d["pred_tv_fast"],
-            }
-        )
+        row = {k: h[k] for k in ("partition", "seed", "keys", "variant")}
+        for suffix, target in (("", TARGETS[h["partition"]]), ("_at_80", SECOND_TARGET)):
+            th, td, ts = (time_to(r, target)[0] for r in (h, d, s))
+            row |= {f"target{suffix}": target, f"t_hadfl{suffix}": th, f"t_dfedavg{suffix}": td}
+            row |= {f"t_sync{suffix}": ts, f"speedup_vs_dfedavg{suffix}": ratio(td, th, budget)}
+            row[f"speedup_vs_sync{suffix}"] = ratio(ts, th, budget)
+        row |= {
+            f"final_{k}": round(r["final_accuracy"], 4)
+            for k, r in (("hadfl", h), ("dfedavg", d), ("sync", s))
+        }
+        row |= {k: h[k] for k in ("influence_fast", "data_share_fast", "label_tv", "pred_tv_fast")}
+        row["pred_tv_fast_dfedavg"] = d["pred_tv_fast"]
+        out.append(row)
     return out
 
 
@@ -324,6 +320,7 @@ def plot(result: dict, path: Path, variants: list[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     summary = result["summary"]
     settings = [(k, p) for k in ("tuned", "defaults") for p in PARTITIONS]
@@ -349,11 +346,73 @@ def plot(result: dict, path: Path, variants: list[str]) -> None:
         ax.set_xticks(range(len(settings)))
         ax.set_xticklabels([f"{p}\n{k}" for k, p in settings], fontsize=8)
         ax.set_yscale("log")
+        ax.set_yticks([0.25, 0.5, 1, 1.5, 2, 3, 4, 6])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"HADFL speed-up to target vs {versus} (bar: median of seeds, dots: seeds)")
     axes[0].set_ylabel("t_target(baseline) / t_target(HADFL)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def table(result: dict, variants: list[str]) -> str:
+    """Markdown: one row per (key set, partition, seed); for each variant its time to target,
+    speed-ups vs dfedavg / sync and final accuracy; the baselines' times and final accuracies."""
+    summary = result["summary"]
+    head = ["keys", "split (target)", "seed", "t dfedavg / sync (s)", "final dfedavg / sync"]
+    for v in variants:
+        head += [f"{v}: t (s)", f"{v}: vs dfedavg / sync", f"{v}: final"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    fmt = lambda x, unit="": "never" if x is None else f"{x:g}{unit}"  # noqa: E731
+    keyed = {(r["keys"], r["partition"], r["seed"], r["variant"]): r for r in summary}
+    for keys, part, seed in sorted(
+        {k[:3] for k in keyed}, key=lambda k: (k[0] != "tuned", list(PARTITIONS).index(k[1]), k[2])
+    ):
+        first = keyed[(keys, part, seed, variants[0])]
+        cells = [keys, f"{part} ({first['target']:.0%})", str(seed)]
+        cells += [
+            f"{fmt(first['t_dfedavg'])} / {fmt(first['t_sync'])}",
+            f"{first['final_dfedavg']:.3f} / {first['final_sync']:.3f}",
+        ]
+        for v in variants:
+            r = keyed.get((keys, part, seed, v))
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            cells += [
+                fmt(r["t_hadfl"]),
+                f"{fmt(r['speedup_vs_dfedavg'], '×')} / {fmt(r['speedup_vs_sync'], '×')}",
+                f"{r['final_hadfl']:.3f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def aggregate(result: dict, variants: list[str]) -> str:
+    """Markdown: one row per (key set, partition); per variant the speed-ups over dfedavg across
+    seeds (min-max), how many seeds reach 1.5x, and the mean final accuracy minus dfedavg's."""
+    summary = result["summary"]
+    head = ["keys", "split", "seeds"] + [f"{v}: vs dfedavg (≥ 1.5×) / vs sync; Δfinal" for v in variants]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for keys in ("tuned", "defaults"):
+        for part in PARTITIONS:
+            cells, seeds = [keys, part], 0
+            for v in variants:
+                rows = [r for r in summary if (r["keys"], r["partition"], r["variant"]) == (keys, part, v)]
+                if not rows:
+                    cells.append("")
+                    continue
+                seeds = len(rows)
+                vd = [r["speedup_vs_dfedavg"] or 0.0 for r in rows]
+                vs = [r["speedup_vs_sync"] or 0.0 for r in rows]
+                hits = sum(x >= 1.5 for x in vd)
+                gap = 100 * np.mean([r["final_hadfl"] - r["final_dfedavg"] for r in rows])
+                span = f"{min(vd):.2f}–{max(vd):.2f}× ({hits}/{len(rows)})"
+                cells.append(f"{span} / {min(vs):.2f}–{max(vs):.2f}×; {gap:+.1f} pt")
+            if seeds:
+                lines.append("| " + " | ".join(cells[:2] + [str(seeds)] + cells[2:]) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -367,6 +426,7 @@ def main() -> None:
     p.add_argument("--plot-variants", nargs="+", default=["paper", "data+full8"], choices=list(VARIANTS))
     p.add_argument("--out", default=str(RESULTS / "hadfl.json"))
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
+    p.add_argument("--table", nargs="+", metavar="VARIANT", help="print a markdown table of --out for these")
     p.add_argument(
         "--merge", nargs="+", metavar="JSON", help="join these results (e.g. seed shards) into --out"
     )
@@ -376,14 +436,23 @@ def main() -> None:
     if args.plot_only:
         plot(json.loads(out.read_text()), png, args.plot_variants)
         return
+    if args.table:
+        result = json.loads(out.read_text())
+        print(aggregate(result, args.table), table(result, args.table), sep="\n\n")
+        return
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        write(out, png, [r for part in parts for r in part["runs"]], parts[0]["ranks"], args)
+        runs = {_key(r): r for part in parts for r in part["runs"]}  # a repeated run: one copy
+        write(out, png, list(runs.values()), parts[0]["ranks"], args)
         return
     comm = world()
     rows = sweep(comm, args)
     if comm.Get_rank() == 0:
         write(out, png, rows, comm.Get_size(), args)
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row[k] for k in ("partition", "seed", "keys", "schedule", "variant"))
 
 
 def write(out: Path, png: Path, rows: list[dict], ranks: int, args) -> None:

@@ -242,14 +242,19 @@ class HADFLConfig(_Strict):
     local_steps: int = Field(8, ge=1)  # tau_max of the fastest device; every device's tau for dfedavg
     select_fraction: float = Field(0.5, gt=0, le=1)  # share of devices picked to pair-average per cycle
     max_staleness: int = Field(4, ge=1)  # a device unsynced this many cycles is picked for sure
-    # pair average weights: "data_steps" (samples x tau_i, the paper's reading) or "data" (samples:
-    # keeps the data-weighted mean of the device models, docs/hadfl.md "Label skew")
-    pair_weight: Literal["data_steps", "data"] = "data_steps"
-    # selection p_i: "steps_staleness" (tau_i (1 + s_i), the paper's reading) or "staleness" (1 + s_i)
-    selection: Literal["steps_staleness", "staleness"] = "steps_staleness"
-    # device i's SGD lr: "same" (train.lr for all) or "per_cycle" (train.lr x tau_min / tau_i)
+    # pair average weights: "data" (samples: a pair average keeps the data-weighted mean of the
+    # device models, the evaluated model) or "data_steps" (samples x tau_i, the paper's reading,
+    # which pulls that mean toward the fast devices: slower to target under label skew, docs/hadfl.md)
+    pair_weight: Literal["data", "data_steps"] = "data"
+    # selection p_i: "staleness" (1 + s_i: slow devices average as often as fast ones) or
+    # "steps_staleness" (tau_i (1 + s_i), the paper's reading: the fastest device pairs every cycle)
+    selection: Literal["staleness", "steps_staleness"] = "staleness"
+    # device i's SGD lr: "same" (train.lr for all) or "per_cycle" (train.lr x tau_min / tau_i:
+    # equal step budgets per cycle, which throws the fast devices' lead away; measured slower)
     lr_scale: Literal["same", "per_cycle"] = "same"
-    full_average_every: int = Field(0, ge=0)  # every K cycles a full data-weighted average (0: never)
+    # every K cycles a full data-weighted average of all devices instead of pairs (0: never): a
+    # global all-reduce HADFL otherwise avoids; helps under strong label skew (docs/hadfl.md)
+    full_average_every: int = Field(0, ge=0)
 
     @field_validator("speeds")
     @classmethod

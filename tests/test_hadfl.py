@@ -57,7 +57,7 @@ def test_local_steps_proportional_to_speed():
 
 
 def test_selection_probabilities():
-    p = selection_probabilities(np.array([2, 2, 4]), np.array([0, 3, 1]))
+    p = selection_probabilities(np.array([2, 2, 4]), np.array([0, 3, 1]), "steps_staleness")
     np.testing.assert_allclose(p, np.array([2, 8, 8]) / 18)
     # capped at 1; the excess goes to the others in proportion
     pi = inclusion_probabilities(np.array([0.7, 0.1, 0.1, 0.1]), 2, np.zeros(4, bool))
@@ -80,7 +80,7 @@ def test_selection_frequencies_match_p_chi2(fraction):
     choice without replacement, whose inclusion frequencies are not proportional to p."""
     tau = local_steps(SPEEDS, 16)
     staleness = np.array([0, 1, 2, 0, 1, 0, 0, 0])
-    p = selection_probabilities(tau, staleness)
+    p = selection_probabilities(tau, staleness, "steps_staleness")
     k = int(fraction * 8)
     pi = inclusion_probabilities(p, k, np.zeros(8, bool))
     if fraction == 0.25:
@@ -89,7 +89,7 @@ def test_selection_frequencies_match_p_chi2(fraction):
         assert pi[7] == 1.0 and k * p[7] > 1  # the fast device is capped; the rest stay ∝ p
         np.testing.assert_allclose(pi[:7] / p[:7], pi[0] / p[0])
     draws = 10_000
-    counts = _inclusion_counts(lambda g: select(g, tau, staleness, fraction, 99), draws, 8)
+    counts = _inclusion_counts(lambda g: select(g, tau, staleness, fraction, 99, "steps_staleness"), draws, 8)
     assert counts.sum() == draws * k
     _, pvalue = stats.chisquare(counts, draws * pi)
     assert pvalue > 1e-3, (counts, draws * pi)
@@ -101,14 +101,17 @@ def test_forced_selection_past_max_staleness():
     tau = local_steps(SPEEDS, 16)
     staleness = np.array([5, 0, 0, 0, 0, 0, 0, 0])  # device 0: slow, overdue
     for i in range(200):
-        chosen = select(numpy_generator(1, "t", i), tau, staleness, 0.25, 4)
+        chosen = select(numpy_generator(1, "t", i), tau, staleness, 0.25, 4, "steps_staleness")
         assert 0 in chosen and len(chosen) == 2
     # more devices overdue than k: all of them, and nobody else
     staleness = np.array([4, 9, 0, 6, 0, 0, 0, 0])
-    assert select(numpy_generator(1, "t", 0), tau, staleness, 0.25, 4).tolist() == [0, 1, 3]
+    assert select(numpy_generator(1, "t", 0), tau, staleness, 0.25, 4, "staleness").tolist() == [0, 1, 3]
     # below the bound nothing is forced: device 0 (lowest p) is left out most of the time
     staleness = np.array([3, 0, 0, 0, 0, 0, 0, 0])
-    picked = sum(0 in select(numpy_generator(1, "u", i), tau, staleness, 0.25, 4) for i in range(200))
+    picked = sum(
+        0 in select(numpy_generator(1, "u", i), tau, staleness, 0.25, 4, "steps_staleness")
+        for i in range(200)
+    )
     assert picked < 100
 
 
@@ -135,9 +138,6 @@ def test_pair_average_equals_numpy_weighted_mean():
 def test_selection_by_staleness_alone():
     tau, staleness = np.array([2, 2, 4]), np.array([0, 3, 1])
     np.testing.assert_allclose(selection_probabilities(tau, staleness, "staleness"), np.array([1, 4, 2]) / 7)
-    np.testing.assert_allclose(
-        selection_probabilities(tau, staleness, "steps_staleness"), np.array([2, 8, 8]) / 18
-    )
     # speed-blind: with no staleness the fast device is no likelier than a slow one
     np.testing.assert_allclose(
         selection_probabilities(local_steps(SPEEDS, 16), np.zeros(8), "staleness"), 1 / 8
@@ -224,6 +224,24 @@ def test_sync_step_equals_averaged_gradient_step(tmp_path):
             q -= job.train.lr * (g + job.train.weight_decay * q)
     want = torch.cat([q.detach().flatten() for q in ref.parameters()]).numpy()
     np.testing.assert_allclose(run.state["model"], want, atol=2e-6)
+
+
+def test_selection_key_reaches_the_run(tmp_path):
+    """The run's staleness after 3 cycles is what replaying select() with its key gives, and the
+    two keys pick differently (the paper's reading pairs the fast device 7 every cycle)."""
+    tau, after = local_steps(SPEEDS, 16), {}
+    for by in ("staleness", "steps_staleness"):
+        run = run_in_process(small(tmp_path, "rounds=3", f"hadfl.selection={by}", name=by))
+        staleness = np.zeros(8, dtype=np.int64)
+        for rnd in range(3):
+            rng = numpy_generator(run.job.seed, "hadfl", rnd)
+            synced = [d for pair in pairing(rng, select(rng, tau, staleness, 0.5, 4, by)) for d in pair]
+            staleness = np.where(np.isin(np.arange(8), synced), 0, staleness + 1)
+        np.testing.assert_array_equal(run.state["staleness"], staleness)
+        after[by] = staleness
+    assert after["steps_staleness"][7] == 0 and not np.array_equal(
+        after["staleness"], after["steps_staleness"]
+    )
 
 
 def test_full_average_cycle_is_the_data_weighted_mean(tmp_path):

@@ -49,7 +49,9 @@ def test_pairing_identical_on_every_rank():
     staleness = np.zeros(10, dtype=np.int64)
     history = []
     for rnd in range(200):  # the staleness feeds back into the next selection, as in a run
-        pairs = pairing(rng := numpy_generator(0, "hadfl", rnd), select(rng, tau, staleness, 0.4, 3))
+        pairs = pairing(
+            rng := numpy_generator(0, "hadfl", rnd), select(rng, tau, staleness, 0.4, 3, "steps_staleness")
+        )
         synced = [d for pair in pairs for d in pair]
         staleness = np.where(np.isin(np.arange(10), synced), 0, staleness + 1)
         history.append(pairs)

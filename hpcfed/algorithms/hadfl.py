@@ -6,10 +6,11 @@ are cycles on a simulated clock (``rounds`` = cycles):
 
 - ``hadfl``: a cycle lasts ``T = max_i τ_i / v_i`` with ``τ_i = max(1, round(τ_max·v_i/v_max))``, so
   every device does its τ_i steps and nobody waits for stragglers (T = τ_max/v_max up to
-  rounding). Then a share of the devices is picked with inclusion probability ∝ ``τ_i·(1+s_i)``
+  rounding). Then a share of the devices is picked with inclusion probability ∝ ``1+s_i``
   (``s_i``: cycles since it last averaged; picked for sure once ``s_i >= max_staleness``), the
-  picked devices are paired at random, and each pair averages its two models weighted by data ×
-  steps. Unpicked devices carry on from their own models.
+  picked devices are paired at random, and each pair averages its two models weighted by data.
+  Unpicked devices carry on from their own models. Optionally (``full_average_every = K``) every
+  K-th cycle ends in a full data-weighted average instead of pairs.
 - ``dfedavg`` (decentralized FedAvg): everyone does τ steps, then a full data-weighted average;
   the cycle lasts ``τ / v_min``.
 - ``sync`` (data-parallel SGD): τ steps per cycle, each step one all-reduce at the slowest pace
@@ -17,13 +18,21 @@ are cycles on a simulated clock (``rounds`` = cycles):
   averaged, which for plain SGD (weight decay included) equals averaging the gradients: exact,
   and the same code as the others. With momentum it would not be, so ``sync`` refuses it.
 
-Where we differ from the paper (no public code): selection uses exact inclusion probabilities
-(systematic sampling, capped at 1) rather than an unspecified sampler; an even number of devices
-is picked so that all pair up; communication time is NOT on the clock (compute only, which flatters
-``sync``, the most talkative schedule); the paper's real-time mode is not built. Bytes are what
-crosses between devices: each paired device sends its float32 model once (``hadfl``); a full
-average costs what a ring all-reduce of the model among N devices sends, ``2(N-1)·4P`` bytes
-(``dfedavg`` once per cycle, ``sync`` once per step). The loop itself is :mod:`hpcfed.peer`.
+Where we differ from the paper (no public code): the paper's reading, selection ∝ ``τ_i·(1+s_i)``
+and pair weights data × steps, is kept by key (``hadfl.selection = "steps_staleness"``,
+``hadfl.pair_weight = "data_steps"``) but is not the default. Data × steps weights move the
+evaluated data-weighted mean toward the fastest device at every average it joins, and with
+τ-weighted selection it joins nearly all of them; under label skew the model drifts to that
+device's label mix, and HADFL lost its lead over D-FedAvg (docs/hadfl.md, "Label skew": on the
+tuned job's Dirichlet(0.5) splits 1.5x or more on 2 of 5 seeds with the paper's reading, on 5 of
+5 with the defaults; IID 2.5-3.2x instead of 2.9-5.3x). Selection uses exact inclusion
+probabilities (systematic sampling, capped at 1) rather than an unspecified sampler; an even
+number of devices is picked so that all pair up; communication time is NOT on the clock (compute
+only, which flatters ``sync``, the most talkative schedule); the paper's real-time mode is not
+built. Bytes are what crosses between devices: each paired device sends its float32 model once
+(``hadfl``); a full average costs what a ring all-reduce of the model among N devices sends,
+``2(N-1)·4P`` bytes (``dfedavg`` once per cycle, ``sync`` once per step, ``full_average_every``
+cycles once each). The loop itself is :mod:`hpcfed.peer`.
 """
 
 from __future__ import annotations
@@ -51,11 +60,11 @@ def local_steps(speeds: np.ndarray, tau_max: int) -> np.ndarray:
     return np.maximum(1, np.floor(tau_max * v / v.max() + 0.5)).astype(np.int64)
 
 
-def selection_probabilities(
-    tau: np.ndarray, staleness: np.ndarray, by: str = "steps_staleness"
-) -> np.ndarray:
-    """p_i ∝ τ_i · (1 + s_i) (``by = "steps_staleness"``, the paper's reading: fresh progress and
-    staleness both raise a device's chance) or p_i ∝ 1 + s_i (``"staleness"``: speed-blind)."""
+def selection_probabilities(tau: np.ndarray, staleness: np.ndarray, by: str) -> np.ndarray:
+    """p_i ∝ 1 + s_i (``by = "staleness"``, the default: speed-blind, so slow devices average as
+    often as fast ones) or p_i ∝ τ_i · (1 + s_i) (``"steps_staleness"``, the paper's reading:
+    fresh progress and staleness both raise a device's chance; the fastest device is then capped
+    at π = 1 and pairs every cycle)."""
     w = 1.0 + np.asarray(staleness, dtype=np.float64)
     if by == "steps_staleness":
         w = np.asarray(tau, dtype=np.float64) * w
@@ -87,9 +96,7 @@ def systematic_sample(rng: np.random.Generator, pi: np.ndarray) -> np.ndarray:
     return np.sort(order[np.minimum(idx, len(pi) - 1)])  # minimum: cum[-1] may round below k
 
 
-def select(
-    rng, tau, staleness, fraction: float, max_staleness: int, by: str = "steps_staleness"
-) -> np.ndarray:
+def select(rng, tau, staleness, fraction: float, max_staleness: int, by: str) -> np.ndarray:
     """The cycle's picked devices: an even k = 2·round(fraction·N/2) (at least 2), every device
     with ``s_i >= max_staleness`` among them (more than k if that many are overdue)."""
     n = len(tau)
@@ -110,10 +117,11 @@ def pairing(rng: np.random.Generator, selected: np.ndarray) -> list[tuple[int, i
 
 
 def pair_weights(sizes: np.ndarray, tau: np.ndarray, kind: str) -> np.ndarray:
-    """Each device's weight in the pair averages it joins: samples × τ_i (``"data_steps"``) or
-    samples (``"data"``). Only ``"data"`` keeps Σ_i n_i x_i, the data-weighted mean of the
-    device models (the evaluated model), unchanged by a pair average: with n·τ weights each
-    average moves that mean toward the faster device of the pair."""
+    """Each device's weight in the pair averages it joins: samples (``"data"``, the default) or
+    samples × τ_i (``"data_steps"``, the paper's reading). Only ``"data"`` keeps Σ_i n_i x_i, the
+    data-weighted mean of the device models (the evaluated model), unchanged by a pair average:
+    with n·τ weights each average moves that mean toward the faster device of the pair, and
+    under label skew toward its label mix (docs/hadfl.md, "Label skew")."""
     sizes = np.asarray(sizes, dtype=np.float64)
     return sizes * np.asarray(tau, dtype=np.float64) if kind == "data_steps" else sizes
 
