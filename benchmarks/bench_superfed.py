@@ -214,17 +214,25 @@ PARTITIONS = {
 VARIANTS = {
     "defaults": [],
     "paper": [],  # filled in by paper_overrides(): the paper's reading of every [superfed] option
-    "samples": ["superfed.weighting=samples"],
-    "uniform": ["superfed.beta0=0.125"],  # beta0 = beta_end = 1/K: no MaxNet phase
-    "beta0.5": ["superfed.beta0=0.5"],
-    "decay0.3": ["superfed.decay_fraction=0.3"],
+    # one change at a time from the paper's reading
+    "samples": ["superfed.beta0=0.9", "superfed.weighting=samples"],
+    "uniform": ["superfed.beta0=0.125", "superfed.weighting=maxnet"],  # β0 = β_end = 1/K: no MaxNet phase
+    "beta0.5": ["superfed.beta0=0.5", "superfed.weighting=maxnet"],
+    "decay0.3": ["superfed.beta0=0.9", "superfed.decay_fraction=0.3", "superfed.weighting=maxnet"],
+    "cohort": ["superfed.beta0=0.9", "superfed.weighting=maxnet", "superfed.average=cohort"],
+    # on top of the new defaults (no MaxNet phase, sample weights)
+    "+cohort": ["superfed.average=cohort"],
+    "+distill-largest": ["superfed.distill=0.3", "superfed.teacher=largest"],
+    "+distill-subnet": ["superfed.distill=0.3", "superfed.teacher=subnet"],
+    "+beta0.3": ["superfed.beta0=0.3"],
+    "+beta0.2const": ["superfed.beta0=0.2", "superfed.beta_end=0.2"],
 }
 LAST = 4  # evaluations averaged for the "last 4" column (rounds 85-100 at eval_every 5)
 
 
 def setting_overrides(setting: str) -> list[str]:
     """``tuned``: the job as written; ``default``: every [train] and [superfed] key the job sets
-    put back to hpcfed's default (keys whose default is None are the job's "all" already)."""
+    put back to hpcfed's default (superfed.depths: the job's [1, 2, 3] is the default's "all")."""
     if setting == "tuned":
         return []
     from hpcfed.config import SuperFedConfig, TrainConfig
@@ -234,15 +242,23 @@ def setting_overrides(setting: str) -> list[str]:
     for table, default in (("train", TrainConfig()), ("superfed", SuperFedConfig())):
         mine = getattr(job, table)
         for key in type(default).model_fields:
-            want = getattr(default, key)
-            if want is not None and getattr(mine, key) != want:
+            want, have = getattr(default, key), getattr(mine, key)
+            if want is not None and have != want:
                 out.append(f"{table}.{key}={_toml_value(want)}")
+            elif want is None and have is not None and (table, key) != ("superfed", "depths"):
+                raise SystemExit(f"{JOB.name} sets {table}.{key}, whose default (None) no override can give")
     return out
 
 
 def paper_overrides() -> list[str]:
     """The paper's (and the authors' headline runs') reading of every [superfed] option we add."""
-    return ["superfed.weighting=maxnet"]
+    return [
+        "superfed.beta0=0.9",
+        "superfed.decay_fraction=0.8",
+        "superfed.weighting=maxnet",
+        "superfed.distill=0.0",
+        "superfed.average=covering",
+    ]
 
 
 def variant_overrides(name: str) -> list[str]:
@@ -438,7 +454,7 @@ def diagnose_one(overrides: list[str]) -> dict:
         big, small = sandwich(clients, largest, smallest)
         largest[big] += 1
         smallest[small] += 1
-        beta = maxnet_beta(t, job.rounds, cfg.beta0, beta_end, cfg.decay_fraction)
+        beta = maxnet_beta(t, job.rounds, cfg.beta0 or beta_end, beta_end, cfg.decay_fraction)
         w_small, w_big = np.zeros(len(clients)), np.zeros(len(clients))
         for j, c in enumerate(clients.tolist()):
             if c == big:
@@ -555,10 +571,55 @@ def plot(argv: list[str]) -> None:
     print(f"wrote {args.out}")
 
 
+def table(argv: list[str]) -> None:
+    """The markdown tables of docs/superfed.md and BENCHMARKS.md from the sweep's results."""
+    p = argparse.ArgumentParser(description="markdown tables of the sweep")
+    p.add_argument("--results", type=Path, default=SWEEP_RESULTS)
+    p.add_argument("--variants", nargs="+", default=["paper", "defaults"])
+    p.add_argument("--ablations", nargs="*", default=[])
+    args = p.parse_args(argv)
+    res = json.loads(args.results.read_text())
+    summary, subnets = res["summary"], res["subnets"]
+    names = ["smallest", "middle 1", "middle 2", "largest"]
+    for setting in ("default", "tuned"):
+        print(f"\n{setting} keys: SuperFed − alone, mean over seeds (per seed)\n")
+        head = " | ".join(f"{v}" for v in args.variants)
+        print(f"| partition | subnet | alone | {head} |")
+        print("| --- | --- | ---: |" + " ---: |" * len(args.variants))
+        for part in PARTITIONS:
+            if f"{setting}|{part}|{args.variants[0]}" not in summary:
+                continue
+            for name, sub in zip(names, subnets):
+                alone = 100 * np.mean(summary[f"{setting}|{part}|{args.variants[0]}"]["subnets"][sub]["fa"])
+                cells = []
+                for v in args.variants:
+                    r = summary[f"{setting}|{part}|{v}"]["subnets"][sub]
+                    d = 100 * r["diff_mean"]
+                    seeds = ", ".join(f"{100 * x:+.1f}" for x in r["diff"])
+                    cell = f"{d:+.2f} ({seeds})"
+                    cells.append(f"**{cell}**" if d < -2 else cell)
+                print(f"| {part} | {name} | {alone:.2f} | " + " | ".join(cells) + " |")
+    if args.ablations:
+        print("\nAblations: SuperFed − alone, mean over seeds and the 4 subnets (worst subnet mean)\n")
+        cols = [f"{s} {q}" for s in ("default", "tuned") for q in PARTITIONS if f"{s}|{q}|paper" in summary]
+        print("| variant | " + " | ".join(cols) + " |")
+        print("| --- |" + " ---: |" * len(cols))
+        for v in args.ablations:
+            cells = []
+            for c in cols:
+                row = summary.get(c.replace(" ", "|") + f"|{v}")
+                if row is None:
+                    cells.append("")
+                    continue
+                d = [100 * row["subnets"][s]["diff_mean"] for s in subnets]
+                cells.append(f"{np.mean(d):+.2f} ({min(d):+.2f})")
+            print(f"| {v} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     import sys
 
-    commands = {"cost": cost, "sweep": sweep, "diagnose": diagnose, "plot": plot}
+    commands = {"cost": cost, "sweep": sweep, "diagnose": diagnose, "plot": plot, "table": table}
     argv = sys.argv[1:]
     if argv and argv[0] in commands:
         commands[argv[0]](argv[1:])

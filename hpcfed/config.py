@@ -278,11 +278,14 @@ class SuperFedConfig(_Strict):
 
     depths: list[int] | None = None  # depths a subnet may take (MLP layers, blocks per stage); None: all
     widths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # width ratios
-    beta0: float = Field(0.9, gt=0, lt=1)  # MaxNet: the largest subnet's weight at round 0
+    # MaxNet: the largest subnet's weight at round 0 (the paper: 0.9); None: beta_end from the
+    # start, no MaxNet phase (the default: measured better on 100-round jobs, docs/superfed.md)
+    beta0: float | None = Field(None, gt=0, lt=1)
     beta_end: float | None = Field(None, gt=0, lt=1)  # its weight after the decay; None: 1/K
     decay_fraction: float = Field(0.8, gt=0, le=1)  # the decay lasts this share of the rounds
-    # "maxnet": the role weights alone (the paper); "samples": role weight x the client's sample count
-    weighting: Literal["maxnet", "samples"] = "maxnet"
+    # "samples": role weight x the client's sample count (the default; the authors' weight_dataset);
+    # "maxnet": the role weights alone (the paper's MaxNet)
+    weighting: Literal["maxnet", "samples"] = "samples"
     # in-place distillation: the share of each client's loss on the teacher's soft predictions
     # (0: labels only, the paper's MaxNet); the teacher is the global model at the round's start:
     # "largest" (its largest subnet, as OFA/BigNAS; the client then downloads the whole supernet)

@@ -110,6 +110,20 @@ def test_maxnet_beta_schedule():
     assert all(beta(t) > beta(t + 1) for t in range(80))  # decreasing until T
 
 
+def test_default_weights_have_no_maxnet_phase_and_count_samples(tmp_path):
+    from hpcfed.comm import world
+    from hpcfed.runner import Run
+
+    def strategy(*extra):
+        job = tiny(tmp_path, "clients_per_round=4", "rounds=10", *extra)
+        return Run(job, world(), job.run_dir, progress=False).strategy
+
+    default, paper = strategy(), strategy("superfed.beta0=0.9", "superfed.weighting=maxnet")
+    assert [default.beta(t) for t in (0, 4, 8, 10)] == [0.25] * 4  # β = β_end = 1/K throughout
+    assert paper.beta(0) == pytest.approx(0.9) and paper.beta(8) == pytest.approx(0.25)
+    assert default.cfg.weighting == "samples" and paper.cfg.weighting == "maxnet"
+
+
 def test_sandwich_rotates_the_largest_and_smallest_subnets():
     n = 7
     largest, smallest = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -285,13 +299,13 @@ def test_options_change_training_and_the_teacher_its_downlink(tmp_path):
     common = ("clients_per_round=3", "rounds=2", "eval_every=2")
     runs = {}
     for name, extra in {
-        "paper": (),
+        "paper": ("superfed.weighting=maxnet",),
         "samples": ("superfed.weighting=samples",),
-        "cohort": ("superfed.average=cohort",),
-        "largest": ("superfed.distill=0.5",),
-        "subnet": ("superfed.distill=0.5", "superfed.teacher=subnet"),
+        "cohort": ("superfed.weighting=maxnet", "superfed.average=cohort"),
+        "largest": ("superfed.weighting=maxnet", "superfed.distill=0.5"),
+        "subnet": ("superfed.weighting=maxnet", "superfed.distill=0.5", "superfed.teacher=subnet"),
     }.items():
-        job = tiny(tmp_path, *common, f"name={name}", *extra)
+        job = tiny(tmp_path, *common, f"name={name}", "superfed.beta0=0.9", *extra)
         runs[name] = (run_in_process(job), read_metrics(job.run_dir / "log.h5")[1])
     paper, log = runs["paper"]
     for name in ("samples", "cohort", "largest", "subnet"):  # each option changes the supernet

@@ -12,12 +12,29 @@ The server holds one supernet (``model.name = "elastic_mlp" | "elastic_resnet"``
    live in the replicated server state, so every rank assigns alike and checkpoints keep them;
 2. a client receives only its subnet's slices of the supernet (a prefix of every tensor), trains
    that small model and sends its change back through the ``[compress]`` uplink codec;
-3. weights: the largest-subnet client ``β_t``, every other ``(1 − β_t)/(K − 1)``, with
+3. role shares: the largest-subnet client ``β_t``, every other ``(1 − β_t)/(K − 1)``, with
    ``β_t = β0·[(1 − a)·½(1 + cos(π·min(t, T)/T)) + a]``, ``a = β_end/β0``, ``T = decay_fraction ×
-   rounds`` (MaxNet: the largest subnet dominates early, then the family shares evenly);
+   rounds`` (MaxNet: the largest subnet dominates early, then the family shares evenly); a
+   client's weight is its share times its sample count (``weighting = "samples"``) or the share
+   alone (``"maxnet"``, the paper);
 4. each supernet element becomes the weighted average over the clients whose subnet covers it;
    elements nobody covered keep their value. Clients add ``w·θ_c`` and ``w`` at their subnet's
    positions (per-element weights) and the round's one Allreduce sums them.
+   (``average = "cohort"``: clients whose subnet lacks an element count as leaving it unchanged.)
+
+Opt-in, in-place distillation (``distill = λ``, the authors' ``kd_ratio``): a client trains on
+``(1 − λ)·CE(labels) + λ·CE(teacher's softmax)``, the teacher being the global model of the
+round's start: its largest subnet (OFA/BigNAS; the client then downloads the whole supernet,
+counted in ``bytes_down``) or the client's own subnet as received.
+
+Defaults (issue 19, measured in docs/superfed.md on digits, 100 rounds, IID and Dirichlet 0.5 and
+0.1, 3 seeds, the job's and hpcfed's default training keys): ``beta0`` unset (``β = β_end = 1/K``
+from the start: no MaxNet phase) and ``weighting = "samples"``: every cell of that sweep ends
+closer to each subnet trained alone than the paper's MaxNet (0.9 → 1/K over 80 % of the rounds,
+role shares alone), which leaves the supernet one client's model for the early rounds (under label
+skew a model of a few classes) and the small subnets barely trained until the decay ends.
+Distillation and the cohort average measured worse; they stay opt-in. The paper's reading:
+``beta0 = 0.9``, ``weighting = "maxnet"``.
 
 Every ``eval_every`` rounds the family (``[superfed] eval_subnets``; default smallest, two middle,
 largest) is evaluated into ``family/`` of ``log.h5``; ``test_accuracy`` is the largest subnet's.
@@ -26,7 +43,10 @@ Where we differ from the paper and the authors' code (gatech-sysml/superfednas):
 
 * Transport: SPMD with a replicated server and one Allreduce per round, not a message bus of
   pickled sends polled by threads; subnets are real small models, not masked supernets.
-* Weights are exactly the MaxNet β split above; client sample counts do not enter them.
+* The defaults above (no MaxNet phase, sample-weighted), where the paper's CIFAR-10 runs use
+  MaxNet with role shares alone (the authors' code has sample weighting as ``--weight_dataset``,
+  used in their Shakespeare runs; their distillation teacher is a separately trained supernet
+  checkpoint, ours the global model of the round's start).
 * Bytes are the encoded messages: downlink = the slices (float32) plus the spec as JSON text
   (what the client needs to build its model); uplink = the encoded change of the slices.
 * ``T`` follows ``rounds``: extending a run on resume stretches the schedule from then on.
@@ -136,6 +156,7 @@ class SuperFed(Strategy):
         self.space = elastic_space(self.job.model, cfg)
         self.input_shape, self.classes = tuple(self.data.input_shape), self.data.num_classes
         self.beta_end = cfg.beta_end if cfg.beta_end is not None else 1.0 / self.job.clients_per_round
+        self.beta0 = cfg.beta0 if cfg.beta0 is not None else self.beta_end  # None: no MaxNet phase
         given = cfg.eval_subnets
         self.eval_specs = (
             [self.space.resolve(v, f"superfed.eval_subnets[{i}]") for i, v in enumerate(given)]
@@ -161,7 +182,7 @@ class SuperFed(Strategy):
 
     def beta(self, round_index: int) -> float:
         cfg = self.cfg
-        return maxnet_beta(round_index, self.job.rounds, cfg.beta0, self.beta_end, cfg.decay_fraction)
+        return maxnet_beta(round_index, self.job.rounds, self.beta0, self.beta_end, cfg.decay_fraction)
 
     def plan(self, state, round_index: int) -> None:
         """Every cohort member's (subnet spec, aggregation weight) this round; the same on every rank."""
