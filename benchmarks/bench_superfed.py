@@ -226,6 +226,8 @@ VARIANTS = {
     "+distill-subnet": ["superfed.distill=0.3", "superfed.teacher=subnet"],
     "+beta0.3": ["superfed.beta0=0.3"],
     "+beta0.2const": ["superfed.beta0=0.2", "superfed.beta_end=0.2"],
+    "+largest2": ["superfed.largest_clients=2"],
+    "+largest3": ["superfed.largest_clients=3"],
 }
 LAST = 4  # evaluations averaged for the "last 4" column (rounds 85-100 at eval_every 5)
 
@@ -451,21 +453,19 @@ def diagnose_one(overrides: list[str]) -> dict:
     rows = []
     for t in range(job.rounds):
         clients = cohort(job.seed, t, data.num_clients, K)
-        big, small = sandwich(clients, largest, smallest)
+        big, small = sandwich(clients, largest, smallest, cfg.largest_clients)
         largest[big] += 1
         smallest[small] += 1
         beta = maxnet_beta(t, job.rounds, cfg.beta0 or beta_end, beta_end, cfg.decay_fraction)
         w_small, w_big = np.zeros(len(clients)), np.zeros(len(clients))
         for j, c in enumerate(clients.tolist()):
-            if c == big:
+            other = (1 - len(big) * beta) / (K - len(big))
+            if c in big:
                 spec, share = space.largest(), beta
             elif c == small:
-                spec, share = space.smallest(), (1 - beta) / (K - 1)
+                spec, share = space.smallest(), other
             else:
-                spec, share = (
-                    space.sample(numpy_generator(job.seed, "superfed-subnet", t, c)),
-                    (1 - beta) / (K - 1),
-                )
+                spec, share = space.sample(numpy_generator(job.seed, "superfed-subnet", t, c)), other
             w = client_weight(share, float(hist[c].sum()), cfg.weighting)
             idx = covers(spec)
             w_small[j] = w if probe_small in idx else 0.0

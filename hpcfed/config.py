@@ -296,6 +296,9 @@ class SuperFedConfig(_Strict):
     # over the whole cohort with the others counted as leaving it unchanged ("cohort": an element
     # few clients train moves in proportion to their share of the round's weight)
     average: Literal["covering", "cohort"] = "covering"
+    # clients given the largest subnet each round (the authors' top_k; each gets the role share
+    # beta, the others (1 - k beta)/(K - k)): more of them train the largest subnet's own units
+    largest_clients: int = Field(1, ge=1)
     # evaluated every eval_every: "smallest" | "largest" | specs; None: smallest, two middle, largest
     eval_subnets: list[str | dict[str, Any]] | None = None
 

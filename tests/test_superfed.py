@@ -122,6 +122,11 @@ def test_default_weights_have_no_maxnet_phase_and_count_samples(tmp_path):
     assert [default.beta(t) for t in (0, 4, 8, 10)] == [0.25] * 4  # β = β_end = 1/K throughout
     assert paper.beta(0) == pytest.approx(0.9) and paper.beta(8) == pytest.approx(0.25)
     assert default.cfg.weighting == "samples" and paper.cfg.weighting == "maxnet"
+    # two largest-subnet clients a round, each with the role share β (here 0.3; the others 0.2)
+    two = strategy("superfed.largest_clients=2", "superfed.beta0=0.3", "superfed.beta_end=0.3")
+    two.plan(two.init_state(), 0)
+    roles = sorted((spec == two.space.largest(), round(w, 12)) for spec, w in two._plan.values())
+    assert roles == [(False, 0.2), (False, 0.2), (True, 0.3), (True, 0.3)]
 
 
 def test_sandwich_rotates_the_largest_and_smallest_subnets():
@@ -129,12 +134,16 @@ def test_sandwich_rotates_the_largest_and_smallest_subnets():
     largest, smallest = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for _ in range(30):  # every client sampled every round
         big, small = sandwich(np.arange(n), largest, smallest)
-        assert big != small
+        assert len(big) == 1 and small not in big
         largest[big] += 1
         smallest[small] += 1
         assert largest.max() - largest.min() <= 1  # (the smallest's holder is chosen among the
         # clients that did not get the largest, so its counts may drift further)
     assert smallest.sum() == 30
+    # two largest-subnet clients: the two that held it least, ties to the lowest id
+    largest = np.array([3, 1, 1, 0, 2])
+    assert sandwich(np.arange(5), largest, np.array([0, 0, 0, 5, 1]), n_largest=2) == ([3, 1], 0)
+    assert sandwich(np.array([1, 4]), largest, np.zeros(5, np.int64), n_largest=2) == ([1, 4], None)
 
 
 # --------------------------------------------------------------------------- elastic models
@@ -244,6 +253,12 @@ def test_config_checks_and_subnet_resolution():
         job(superfed={"widths": [0.5]})
     with pytest.raises(UserError, match=r"superfed.eval_subnets\[1\]"):
         job(superfed={"eval_subnets": ["smallest", '{"depth": 3, "widths": [1, 1, 1]}']})
+    with pytest.raises(UserError, match=r"superfed.largest_clients: 2 clients x beta0 0.9 exceed"):
+        job(superfed={"largest_clients": 2, "beta0": 0.9})
+    with pytest.raises(
+        UserError, match=r"superfed.largest_clients: 11 is more than clients_per_round \(10\)"
+    ):
+        job(superfed={"largest_clients": 11})
     with pytest.raises(UserError, match="model.subnet needs an elastic model.name"):
         validate({"algorithm": "fedavg", "model": {"subnet": "smallest"}}, "job.toml")
     with pytest.raises(UserError, match='model.norm: elastic_resnet takes "group" or "none"'):

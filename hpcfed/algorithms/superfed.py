@@ -85,13 +85,16 @@ def maxnet_beta(t: int, rounds: int, beta0: float, beta_end: float, decay_fracti
     return beta0 * ((1 - a) * 0.5 * (1 + math.cos(math.pi * min(t, T) / T)) + a)
 
 
-def sandwich(clients: np.ndarray, largest: np.ndarray, smallest: np.ndarray) -> tuple[int, int | None]:
-    """(the client that gets the largest subnet, the one that gets the smallest or None): the
-    fewest times so far; ``clients`` sorted, so ties go to the lowest id (argmin's first)."""
+def sandwich(
+    clients: np.ndarray, largest: np.ndarray, smallest: np.ndarray, n_largest: int = 1
+) -> tuple[list[int], int | None]:
+    """(the ``n_largest`` clients that get the largest subnet, the one that gets the smallest or
+    None): those that held it the fewest times so far, ties to the lowest id."""
     clients = np.asarray(clients)
-    big = int(clients[np.argmin(largest[clients])])
-    rest = clients[clients != big]
-    return big, (int(rest[np.argmin(smallest[rest])]) if rest.size else None)
+    order = clients[np.lexsort((clients, largest[clients]))]  # by count, then id
+    big = [int(c) for c in order[:n_largest]]
+    rest = clients[~np.isin(clients, big)]
+    return big, (int(rest[np.lexsort((rest, smallest[rest]))[0]]) if rest.size else None)
 
 
 def client_weight(share: float, samples: float, weighting: str) -> float:
@@ -170,7 +173,7 @@ class SuperFed(Strategy):
         self._teacher: Subnet | None = None
         self._plan_round: int | None = None
         self._plan: dict[int, tuple[dict, float]] = {}
-        self._roles: tuple[int, int | None] = (-1, None)
+        self._roles: tuple[list[int], int | None] = ([], None)
 
     # -- replicated server side ----------------------------------------------------------------
     def init_state(self):
@@ -187,12 +190,13 @@ class SuperFed(Strategy):
     def plan(self, state, round_index: int) -> None:
         """Every cohort member's (subnet spec, aggregation weight) this round; the same on every rank."""
         clients = cohort(self.job.seed, round_index, self.data.num_clients, self.job.clients_per_round)
-        big, small = sandwich(clients, state["largest"], state["smallest"])
-        beta = self.beta(round_index) if len(clients) > 1 else 1.0
-        other = (1.0 - beta) / max(len(clients) - 1, 1)
+        big, small = sandwich(clients, state["largest"], state["smallest"], self.cfg.largest_clients)
+        others = len(clients) - len(big)
+        beta = self.beta(round_index) if others else 1.0 / len(big)
+        other = (1.0 - len(big) * beta) / max(others, 1)
         plan = {}
         for c in clients.tolist():
-            if c == big:
+            if c in big:
                 plan[c] = (self.space.largest(), beta)
             elif c == small:
                 plan[c] = (self.space.smallest(), other)
@@ -209,7 +213,7 @@ class SuperFed(Strategy):
             self.plan(state, round_index)
         big, small = self._roles
         state["largest"] = state["largest"].copy()
-        state["largest"][big] += 1
+        state["largest"][big] += 1  # (distinct clients: one count each)
         if small is not None:
             state["smallest"] = state["smallest"].copy()
             state["smallest"][small] += 1
