@@ -9,10 +9,11 @@ The server holds one supernet (``model.name = "elastic_mlp" | "elastic_resnet"``
    the one that has held the smallest least often gets the smallest ("tracking sandwich"; ties:
    the lowest client id); every other client gets a random subnet (one uniform draw per elastic
    choice, generator of (seed, round, client)). The per-client counters ``largest``/``smallest``
-   live in the replicated server state, so every rank assigns alike and checkpoints keep them;
+   live in the replicated server state, so every rank assigns alike and checkpoints keep them
+   (``largest_clients = k``: the k that held it least, the authors' ``top_k``);
 2. a client receives only its subnet's slices of the supernet (a prefix of every tensor), trains
    that small model and sends its change back through the ``[compress]`` uplink codec;
-3. role shares: the largest-subnet client ``β_t``, every other ``(1 − β_t)/(K − 1)``, with
+3. role shares: the largest-subnet client ``β_t``, every other ``(1 − k·β_t)/(K − k)``, with
    ``β_t = β0·[(1 − a)·½(1 + cos(π·min(t, T)/T)) + a]``, ``a = β_end/β0``, ``T = decay_fraction ×
    rounds`` (MaxNet: the largest subnet dominates early, then the family shares evenly); a
    client's weight is its share times its sample count (``weighting = "samples"``) or the share
