@@ -14,7 +14,21 @@ per k: total bytes (up + down, the encoded messages, from the logs) and total tr
 one subnet costs 3 × MACs × epochs × the samples of every round's cohort), and the ratios
 independent / SuperFed (the paper: 9.43x compute and about 10.9x communication for k = 9).
 
-    python benchmarks/bench_superfed.py [--seeds 0 1 2] [--rounds 100] [--jobs 1] [--out FILE.json]
+    python benchmarks/bench_superfed.py [cost] [--seeds 0 1 2] [--rounds 100] [--jobs 1] [--out FILE.json]
+
+Issue 19 (label skew; docs/superfed.md "Under label skew"):
+
+    python benchmarks/bench_superfed.py sweep [--settings default tuned] [--partitions iid dir0.5 dir0.1]
+        [--variants defaults paper ...] [--seeds 0 1 2] [--rounds 100] [--jobs 2] [--no-baseline]
+    python benchmarks/bench_superfed.py diagnose    # who trains the smallest/largest subnet (no training)
+    python benchmarks/bench_superfed.py plot        # benchmarks/results/superfed_sweep.png
+    python benchmarks/bench_superfed.py table [--ablations ...]   # the docs' markdown tables
+
+``sweep``: per setting (``tuned``: the job; ``default``: its [train] and [superfed] keys back to
+hpcfed's defaults), partition and seed, SuperFed in each variant (VARIANTS: overrides, "paper"
+the paper's reading of every option) against each of the 4 tracked subnets alone with FedAvg;
+results accumulate in ``benchmarks/results/superfed_sweep.json`` (``--no-baseline`` reuses its
+FedAvg runs). 162 runs of 100 rounds took 13 minutes on 2 cores shared with other work.
 """
 
 from __future__ import annotations
