@@ -33,7 +33,8 @@ Two measures of *why* (fields of each HADFL row):
 - ``pred_tv_fast``: measured on the evaluated model, the total-variation distance between its
   predicted-class histogram on the test set and the fast device's label histogram, averaged over
   the evaluations of the first ``--early`` simulated seconds (small = the model predicts like the
-  fast device's label mix).
+  fast device's label mix); ``consensus_early``: over the same evaluations, how far the device
+  models are spread around that mean (PredictionRecorder).
 
     python benchmarks/bench_hadfl.py [--budget 320] [--seeds 0 1 2 3 4] [--partitions iid ...]
     python benchmarks/bench_hadfl.py --seeds 3 4 --out b.json; ... --merge a.json b.json  # shards
@@ -163,7 +164,9 @@ def tv(p: np.ndarray, q: np.ndarray) -> float:
 
 
 class PredictionRecorder:
-    """Wraps ``Run.evaluate`` to keep the evaluated model's predicted-class histogram each time."""
+    """Wraps ``Run.evaluate`` to keep, at each evaluation, the evaluated model's predicted-class
+    histogram and the devices' consensus distance: sqrt(Σ n_i |x_i - m|² / Σ n_i) / |m|, how far
+    the device models are spread around their data-weighted mean m (the evaluated model)."""
 
     def __init__(self, run, num_classes: int):
         self.run, self.num_classes, self.rows = run, num_classes, []
@@ -175,8 +178,12 @@ class PredictionRecorder:
         with torch.no_grad():
             pred = self.run.flat.module(self.run.test_x).argmax(dim=1).numpy()
         counts = np.bincount(pred, minlength=self.num_classes).astype(np.float64)
-        counts = self.run.comm.allreduce(counts)
-        self.rows.append((float(self.run.state["sim_time"][0]), counts / counts.sum()))
+        mean = self.run.state["model"].astype(np.float64)
+        strategy = self.run.strategy
+        spread = [strategy.sizes[d] * np.sum((x - mean) ** 2) for d, x in strategy.models.items()]
+        total = self.run.comm.allreduce(np.array([*counts, sum(spread)]))
+        consensus = math.sqrt(total[-1] / strategy.sizes.sum()) / np.linalg.norm(mean)
+        self.rows.append((float(self.run.state["sim_time"][0]), total[:-1] / total[:-1].sum(), consensus))
         return result
 
 
@@ -201,7 +208,8 @@ def one_run(comm, out: Path, job_overrides: list[str], name: str, budget: float,
     sizes = np.asarray(run.data.client_sizes, dtype=np.float64)
     hist = label_histograms(run.data, classes)
     fast = int(np.argmax(speeds))
-    early_rows = [h for t, h in recorder.rows if t <= early] or [recorder.rows[0][1]]
+    early_rows = [h for t, h, _ in recorder.rows if t <= early] or [recorder.rows[0][1]]
+    early_spread = [c for t, _, c in recorder.rows if t <= early] or [recorder.rows[0][2]]
     row = {
         "cycles": job.rounds,
         "cycle_time": cycle,
@@ -211,6 +219,8 @@ def one_run(comm, out: Path, job_overrides: list[str], name: str, budget: float,
         "wall_seconds": round(wall, 2),
         "pred_tv_fast": round(float(np.mean([tv(h, hist[fast]) for h in early_rows])), 4),
         "pred_tv_test": round(float(np.mean([tv(h, _test_mix(run, classes)) for h in early_rows])), 4),
+        # mean over the same evaluations; 0 for dfedavg and sync (a full average ends each cycle)
+        "consensus_early": round(float(np.mean(early_spread)), 4),
     }
     if job.hadfl.schedule == "hadfl":
         share = influence(job, sizes, speeds, job.rounds)
