@@ -315,6 +315,7 @@ def sweep(argv: list[str]) -> None:
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--jobs", type=int, default=2, help="runs at once (processes)")
     p.add_argument("--no-baseline", action="store_true", help="reuse the FedAvg runs of --out")
+    p.add_argument("--set", nargs="*", default=[], help="key=value for every run (use a separate --out)")
     p.add_argument("--out", type=Path, default=SWEEP_RESULTS)
     args = p.parse_args(argv)
 
@@ -337,6 +338,7 @@ def sweep(argv: list[str]) -> None:
                     f"seed={seed}",
                     f"out={tmp}",
                     "checkpoint_every=100000",
+                    *args.set,
                 ]
                 tag = f"{setting}|{part}|{seed}"
                 for v, ov in variants.items():
@@ -361,6 +363,7 @@ def sweep(argv: list[str]) -> None:
     old["runs"].update(done)
     old["variants"].update(variants)
     old.update(job=str(JOB.relative_to(ROOT)), rounds=args.rounds, subnets=[spec_text(s) for s in ladder])
+    old["set"] = args.set
     old["summary"] = summarise(old, ladder)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(old, indent=None) + "\n")
