@@ -72,6 +72,7 @@ from hpcfed.algorithms.base import Strategy, Update, weighted_mean
 from hpcfed.algorithms.compression import Compression, require_plain_uplink
 from hpcfed.algorithms.slices import contribution, train_slices
 from hpcfed.codecs import IdentityCodec
+from hpcfed.config import UserError
 from hpcfed.models.elastic import Subnet, elastic_space, make_subnet, spec_text
 from hpcfed.rng import cohort, numpy_generator
 from hpcfed.train import LocalSGD, evaluate_sums
@@ -153,6 +154,25 @@ class SuperFed(Strategy):
     per_element_weights = True
     extra_metrics = ("sub_params", "sub_macs", "train_macs")
 
+    @classmethod
+    def check_job(cls, job) -> None:
+        """k largest-subnet clients take k·β of the round's weight: at most all of it, at any round."""
+        super().check_job(job)
+        cfg, K = job.superfed, job.clients_per_round
+        k = cfg.largest_clients
+        if k == 1:
+            return
+        if k > K:
+            raise UserError(f"superfed.largest_clients: {k} is more than clients_per_round ({K})")
+        for key, beta in (
+            ("beta0", cfg.beta0),
+            ("beta_end", cfg.beta_end if cfg.beta_end is not None else 1 / K),
+        ):
+            if beta is not None and k * beta > 1 + 1e-12:
+                raise UserError(
+                    f"superfed.largest_clients: {k} clients x {key} {beta:g} exceed the round's weight 1"
+                )
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.cfg = self.job.superfed
@@ -205,6 +225,11 @@ class SuperFed(Strategy):
                 rng = numpy_generator(self.job.seed, "superfed-subnet", round_index, c)
                 plan[c] = (self.space.sample(rng), other)
         self._plan, self._roles, self._plan_round = plan, (big, small), round_index
+        if self.cfg.distill > 0 and self.cfg.teacher == "largest":
+            # every client of the round gets the whole supernet (its slices are in it) to run the
+            # teacher, the largest subnet of the round's start: set and measured once a round
+            self.teacher.flat.set(state["model"][self.teacher.index])
+            self._whole_down = len(self.codec.encode(state["model"], {})[0])
 
     def begin_round(self, state, round_index):
         self.plan(state, round_index)
@@ -251,9 +276,7 @@ class SuperFed(Strategy):
             self.plan(state, round_index)
         spec, w = self._plan[client_id]
         sub, trainer = self.subnet(spec)
-        whole = self.cfg.distill > 0 and self.cfg.teacher == "largest"
-        if whole:  # the client gets the whole supernet (its slices are in it) to run the teacher
-            self.teacher.flat.set(state["model"][self.teacher.index])
+        whole = self.cfg.distill > 0 and self.cfg.teacher == "largest"  # (set up in plan)
         # down: the subnet's slices, and its spec so the client can build the model; up: their change
         r = train_slices(self, sub.flat, trainer, state["model"][sub.index], client_id, round_index)
         n, k = r.samples, float(self.job.clients_per_round)
@@ -262,7 +285,7 @@ class SuperFed(Strategy):
             update = cohort_contribution(state["model"], sub.index, r.theta, w)
         else:
             update = contribution(self.flat.size, sub.index, r.theta, w)
-        down = len(self.codec.encode(state["model"], {})[0]) if whole else len(r.down)
+        down = self._whole_down if whole else len(r.down)
         teacher_macs = (self.teacher.macs if whole else sub.macs) * n if self.cfg.distill > 0 else 0.0
         update.metrics = {
             "loss_sum": r.loss * n,

@@ -339,27 +339,8 @@ def check_job(job) -> None:
             space.resolve(value, f"superfed.eval_subnets[{i}]")
         if job.superfed.eval_subnets == []:
             raise UserError("superfed.eval_subnets is empty; leave it out for smallest, two middle, largest")
-        check_largest_clients(job)
     if m.subnet is not None:
         m.subnet = space.resolve(m.subnet, "model.subnet")
-
-
-def check_largest_clients(job) -> None:
-    """k largest-subnet clients take k·β of the round's weight: at most all of it, at any round."""
-    cfg, K = job.superfed, job.clients_per_round
-    k = cfg.largest_clients
-    if k == 1:
-        return
-    if k > K:
-        raise UserError(f"superfed.largest_clients: {k} is more than clients_per_round ({K})")
-    for key, beta in (
-        ("beta0", cfg.beta0),
-        ("beta_end", cfg.beta_end if cfg.beta_end is not None else 1 / K),
-    ):
-        if beta is not None and k * beta > 1 + 1e-12:
-            raise UserError(
-                f"superfed.largest_clients: {k} clients x {key} {beta:g} exceed the round's weight 1"
-            )
 
 
 def build_elastic_mlp(input_shape, num_classes: int, hidden=(128,), subnet=None) -> nn.Module:
